@@ -1,0 +1,197 @@
+//! ONNX Runtime (CPU execution provider) backend. The library is loaded at run time
+//! from an explicit path so that a missing or mismatched library is an error value,
+//! never a panic inside `ort`.
+
+use std::borrow::Cow;
+use std::path::{Path, PathBuf};
+use std::sync::{Mutex, PoisonError};
+
+use ort::session::builder::GraphOptimizationLevel;
+use ort::session::{Session, SessionInputValue};
+use ort::value::{DynValue, TensorElementType, TensorRef, ValueType};
+
+use crate::tensor::with_data;
+use crate::{Backend, DType, Dim, EngineError, ModelMetadata, Tensor, TensorData, TensorSpec};
+
+/// A process-wide ONNX Runtime environment. ONNX Runtime allows one environment per
+/// process, so every backend shares this handle.
+#[derive(Debug, Clone)]
+pub struct OrtRuntime {
+    env: ort::environment::Environment,
+}
+
+static RUNTIME: Mutex<Option<(PathBuf, OrtRuntime)>> = Mutex::new(None);
+
+impl OrtRuntime {
+    /// Loads the ONNX Runtime shared library from `lib` (once per process) and returns the
+    /// shared environment. Asking for a different library later is an error.
+    pub fn load(lib: &Path) -> Result<Self, EngineError> {
+        let mut slot = RUNTIME.lock().unwrap_or_else(PoisonError::into_inner);
+        if let Some((loaded, runtime)) = slot.as_ref() {
+            if loaded != lib {
+                return Err(EngineError::RuntimeConflict { loaded: loaded.clone(), requested: lib.to_path_buf() });
+            }
+            return Ok(runtime.clone());
+        }
+        // dlopen of a missing file succeeds in ort's eyes only if it exists; check first for a clearer message.
+        if !lib.is_file() {
+            return Err(EngineError::RuntimeLibrary { path: lib.to_path_buf(), reason: "file does not exist".into() });
+        }
+        let builder = ort::init_from(lib)
+            .map_err(|e| EngineError::RuntimeLibrary { path: lib.to_path_buf(), reason: e.to_string() })?;
+        let env = builder
+            .with_name("kiln")
+            .with_telemetry(false)
+            .build()
+            .map_err(|e| EngineError::RuntimeLibrary { path: lib.to_path_buf(), reason: e.to_string() })?;
+        let runtime = Self { env };
+        *slot = Some((lib.to_path_buf(), runtime.clone()));
+        Ok(runtime)
+    }
+}
+
+/// Options for one ONNX Runtime session.
+#[derive(Debug, Clone)]
+pub struct OrtOptions {
+    /// Threads used inside one operator; 0 lets ONNX Runtime decide (one per core).
+    pub intra_threads: usize,
+}
+
+impl Default for OrtOptions {
+    fn default() -> Self {
+        Self { intra_threads: 0 }
+    }
+}
+
+#[derive(Debug)]
+pub struct OrtBackend {
+    session: Session,
+    metadata: ModelMetadata,
+}
+
+impl OrtBackend {
+    pub fn load(runtime: &OrtRuntime, model: &Path, options: &OrtOptions) -> Result<Self, EngineError> {
+        if !model.is_file() {
+            return Err(EngineError::ModelNotFound { path: model.to_path_buf() });
+        }
+        let load_err = |e: &dyn std::fmt::Display| EngineError::ModelLoad { path: model.to_path_buf(), reason: e.to_string() };
+        let mut builder = Session::builder(&runtime.env).map_err(|e| load_err(&e))?;
+        builder = builder
+            .with_optimization_level(GraphOptimizationLevel::All)
+            .map_err(|e| load_err(&e))?;
+        if options.intra_threads > 0 {
+            builder = builder.with_intra_threads(options.intra_threads).map_err(|e| load_err(&e))?;
+        }
+        let session = builder.commit_from_file(model).map_err(|e| load_err(&e))?;
+        let inputs = session.inputs().iter().map(|o| spec(o.name(), o.dtype())).collect::<Result<_, _>>()?;
+        let outputs = session.outputs().iter().map(|o| spec(o.name(), o.dtype())).collect::<Result<_, _>>()?;
+        Ok(Self { session, metadata: ModelMetadata { inputs, outputs } })
+    }
+}
+
+fn spec(name: &str, ty: &ValueType) -> Result<TensorSpec, EngineError> {
+    let ValueType::Tensor { ty, shape, .. } = ty else {
+        return Err(EngineError::Unsupported { what: "value type", detail: format!("{name}: {ty:?}") });
+    };
+    let dtype = dtype_from_ort(*ty)
+        .ok_or_else(|| EngineError::Unsupported { what: "element type", detail: format!("{name}: {ty:?}") })?;
+    let shape = shape
+        .iter()
+        .map(|&d| usize::try_from(d).map(Dim::Fixed).unwrap_or(Dim::Dynamic))
+        .collect();
+    Ok(TensorSpec { name: name.to_string(), dtype, shape })
+}
+
+fn dtype_from_ort(ty: TensorElementType) -> Option<DType> {
+    Some(match ty {
+        TensorElementType::Bool => DType::Bool,
+        TensorElementType::Uint8 => DType::U8,
+        TensorElementType::Int8 => DType::I8,
+        TensorElementType::Int16 => DType::I16,
+        TensorElementType::Int32 => DType::I32,
+        TensorElementType::Int64 => DType::I64,
+        TensorElementType::Float32 => DType::F32,
+        TensorElementType::Float64 => DType::F64,
+        _ => return None,
+    })
+}
+
+fn input_value<'a>(tensor: &'a Tensor) -> Result<SessionInputValue<'a>, EngineError> {
+    let shape: Vec<i64> = tensor.shape().iter().map(|&d| i64::try_from(d).unwrap_or(i64::MAX)).collect();
+    with_data!(tensor.data(), v => TensorRef::from_array_view((shape, v.as_slice()))
+        .map(SessionInputValue::from)
+        .map_err(EngineError::inference))
+}
+
+fn output_tensor(value: &DynValue, spec: &TensorSpec) -> Result<Tensor, EngineError> {
+    fn extract<T: ort::value::PrimitiveTensorElementType + Clone + std::fmt::Debug>(
+        value: &DynValue,
+    ) -> Result<(Vec<usize>, Vec<T>), EngineError> {
+        let (shape, data) = value.try_extract_tensor::<T>().map_err(EngineError::inference)?;
+        let shape = shape.iter().map(|&d| usize::try_from(d).unwrap_or(0)).collect();
+        Ok((shape, data.to_vec()))
+    }
+    let (shape, data) = match spec.dtype {
+        DType::Bool => extract::<bool>(value).map(|(s, d)| (s, TensorData::Bool(d)))?,
+        DType::U8 => extract::<u8>(value).map(|(s, d)| (s, TensorData::U8(d)))?,
+        DType::I8 => extract::<i8>(value).map(|(s, d)| (s, TensorData::I8(d)))?,
+        DType::I16 => extract::<i16>(value).map(|(s, d)| (s, TensorData::I16(d)))?,
+        DType::I32 => extract::<i32>(value).map(|(s, d)| (s, TensorData::I32(d)))?,
+        DType::I64 => extract::<i64>(value).map(|(s, d)| (s, TensorData::I64(d)))?,
+        DType::F32 => extract::<f32>(value).map(|(s, d)| (s, TensorData::F32(d)))?,
+        DType::F64 => extract::<f64>(value).map(|(s, d)| (s, TensorData::F64(d)))?,
+    };
+    Tensor::new(shape, data)
+}
+
+impl Backend for OrtBackend {
+    fn name(&self) -> &'static str {
+        "onnxruntime-cpu"
+    }
+
+    fn metadata(&self) -> &ModelMetadata {
+        &self.metadata
+    }
+
+    fn run(&mut self, inputs: &[Tensor]) -> Result<Vec<Tensor>, EngineError> {
+        let specs = &self.metadata.inputs;
+        if inputs.len() != specs.len() {
+            return Err(EngineError::InputCount { expected: specs.len(), got: inputs.len() });
+        }
+        let mut feed: Vec<(Cow<'_, str>, SessionInputValue<'_>)> = Vec::with_capacity(inputs.len());
+        for (tensor, spec) in inputs.iter().zip(specs) {
+            if tensor.dtype() != spec.dtype {
+                return Err(EngineError::DTypeMismatch { expected: spec.dtype, got: tensor.dtype() });
+            }
+            check_shape(tensor, spec)?;
+            feed.push((Cow::Borrowed(spec.name.as_str()), input_value(tensor)?));
+        }
+        let outputs = self.session.run(feed).map_err(EngineError::inference)?;
+        self.metadata
+            .outputs
+            .iter()
+            .map(|spec| {
+                let value = outputs
+                    .get(&spec.name)
+                    .ok_or_else(|| EngineError::Inference(format!("output {} missing", spec.name)))?;
+                output_tensor(value, spec)
+            })
+            .collect()
+    }
+}
+
+fn check_shape(tensor: &Tensor, spec: &TensorSpec) -> Result<(), EngineError> {
+    let ok = tensor.shape().len() == spec.shape.len()
+        && tensor.shape().iter().zip(&spec.shape).all(|(&got, want)| match want {
+            Dim::Fixed(n) => got == *n,
+            Dim::Dynamic => true,
+        });
+    if ok {
+        Ok(())
+    } else {
+        Err(EngineError::InvalidInput {
+            name: spec.name.clone(),
+            reason: format!("shape {:?} does not match {:?}", tensor.shape(), spec.shape_i64()),
+        })
+    }
+}
