@@ -1,0 +1,241 @@
+//! Model configuration (`models/<name>/config.toml`). Unknown fields are rejected so
+//! that a typo fails at start-up instead of silently using a default.
+
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use serde::Deserialize;
+
+use crate::ServerError;
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ModelConfig {
+    pub name: String,
+    #[serde(default)]
+    pub backend: BackendKind,
+    pub max_batch_size: usize,
+    #[serde(default)]
+    pub batching: BatchingConfig,
+    pub input: InputConfig,
+    pub output: OutputConfig,
+}
+
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum BackendKind {
+    #[default]
+    Onnxruntime,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct BatchingConfig {
+    #[serde(default = "default_delay_us")]
+    pub max_queue_delay_us: u64,
+    #[serde(default = "default_queue_size")]
+    pub max_queue_size: usize,
+    #[serde(default = "default_instances")]
+    pub instance_count: usize,
+    /// ONNX Runtime intra-op threads per instance; 0 = one per core.
+    #[serde(default)]
+    pub intra_threads: usize,
+}
+
+fn default_delay_us() -> u64 {
+    2000
+}
+fn default_queue_size() -> usize {
+    1024
+}
+fn default_instances() -> usize {
+    1
+}
+
+impl Default for BatchingConfig {
+    fn default() -> Self {
+        Self {
+            max_queue_delay_us: default_delay_us(),
+            max_queue_size: default_queue_size(),
+            instance_count: default_instances(),
+            intra_threads: 0,
+        }
+    }
+}
+
+impl BatchingConfig {
+    pub fn max_queue_delay(&self) -> Duration {
+        Duration::from_micros(self.max_queue_delay_us)
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum ColorOrder {
+    Rgb,
+    Bgr,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Layout {
+    Nchw,
+    Nhwc,
+}
+
+/// How an uploaded image becomes the model's input tensor.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct InputConfig {
+    pub name: String,
+    /// Resize so the shorter side has this length (aspect kept) before cropping.
+    pub resize_shorter: Option<u32>,
+    /// Centre crop, `[height, width]`; also the model's spatial input size.
+    pub crop: [u32; 2],
+    #[serde(default = "default_color")]
+    pub color: ColorOrder,
+    #[serde(default = "default_layout")]
+    pub layout: Layout,
+    /// `(pixel - mean) / std` with pixels in 0..=255 ...
+    pub mean: Option<[f32; 3]>,
+    pub std: Option<[f32; 3]>,
+    /// ... or `pixel * scale + offset`. Not both.
+    pub scale: Option<[f32; 3]>,
+    pub offset: Option<[f32; 3]>,
+}
+
+fn default_color() -> ColorOrder {
+    ColorOrder::Rgb
+}
+fn default_layout() -> Layout {
+    Layout::Nchw
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct OutputConfig {
+    pub name: String,
+    #[serde(default)]
+    pub softmax: bool,
+    #[serde(default = "default_top_k")]
+    pub top_k: usize,
+    /// File with one class name per line, relative to the model's directory.
+    pub labels: Option<PathBuf>,
+}
+
+fn default_top_k() -> usize {
+    5
+}
+
+impl InputConfig {
+    /// The normalisation as `pixel * scale + offset`, whichever way the config wrote it.
+    pub fn scale_offset(&self) -> Result<([f32; 3], [f32; 3]), String> {
+        match (self.mean, self.std, self.scale, self.offset) {
+            (mean, std, None, None) => {
+                let mean = mean.unwrap_or([0.0; 3]);
+                let std = std.unwrap_or([1.0; 3]);
+                if std.iter().any(|s| !s.is_finite() || *s == 0.0) {
+                    return Err("input.std: every entry must be a non-zero number".into());
+                }
+                Ok((std.map(|s| 1.0 / s), [0, 1, 2].map(|c| -mean[c] / std[c])))
+            }
+            (None, None, scale, offset) => Ok((scale.unwrap_or([1.0; 3]), offset.unwrap_or([0.0; 3]))),
+            _ => Err("input: give either mean/std or scale/offset, not both".into()),
+        }
+    }
+}
+
+impl ModelConfig {
+    /// Reads and validates `path`; every error names the file and the field.
+    pub fn load(path: &Path) -> Result<Self, ServerError> {
+        let bad = |reason: String| ServerError::Config { path: path.to_path_buf(), reason };
+        let text = std::fs::read_to_string(path).map_err(|e| bad(format!("cannot read: {e}")))?;
+        let config: ModelConfig = toml::from_str(&text).map_err(|e| bad(e.to_string()))?;
+        config.validate().map_err(bad)?;
+        Ok(config)
+    }
+
+    fn validate(&self) -> Result<(), String> {
+        if self.name.is_empty() || !self.name.chars().all(|c| c.is_ascii_alphanumeric() || "_-.".contains(c)) {
+            return Err(format!("name: {:?} must be non-empty and use only A-Z a-z 0-9 _ - .", self.name));
+        }
+        if self.max_batch_size == 0 || self.max_batch_size > 4096 {
+            return Err(format!("max_batch_size: {} must be between 1 and 4096", self.max_batch_size));
+        }
+        if self.batching.max_queue_size == 0 {
+            return Err("batching.max_queue_size: must be at least 1".into());
+        }
+        if self.batching.instance_count == 0 || self.batching.instance_count > 64 {
+            return Err("batching.instance_count: must be between 1 and 64".into());
+        }
+        if self.batching.max_queue_delay_us > 10_000_000 {
+            return Err("batching.max_queue_delay_us: must be at most 10 s".into());
+        }
+        let [h, w] = self.input.crop;
+        if h == 0 || w == 0 || h > 8192 || w > 8192 {
+            return Err(format!("input.crop: [{h}, {w}] must be between 1 and 8192"));
+        }
+        if matches!(self.input.resize_shorter, Some(0) | Some(8193..)) {
+            return Err("input.resize_shorter: must be between 1 and 8192".into());
+        }
+        self.input.scale_offset()?;
+        if self.output.top_k == 0 {
+            return Err("output.top_k: must be at least 1".into());
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const GOOD: &str = r#"
+        name = "m"
+        max_batch_size = 4
+        [input]
+        name = "x"
+        crop = [2, 3]
+        mean = [1.0, 2.0, 3.0]
+        std = [2.0, 2.0, 2.0]
+        [output]
+        name = "y"
+    "#;
+
+    fn parse(text: &str) -> Result<ModelConfig, String> {
+        let c: ModelConfig = toml::from_str(text).map_err(|e| e.to_string())?;
+        c.validate()?;
+        Ok(c)
+    }
+
+    #[test]
+    fn defaults_and_normalisation() -> Result<(), String> {
+        let c = parse(GOOD)?;
+        assert_eq!(c.batching.max_queue_delay_us, 2000);
+        assert_eq!(c.output.top_k, 5);
+        let (scale, offset) = c.input.scale_offset()?;
+        assert_eq!(scale, [0.5; 3]);
+        assert_eq!(offset, [-0.5, -1.0, -1.5]);
+        Ok(())
+    }
+
+    #[test]
+    fn errors_name_the_field() {
+        let cases = [
+            (GOOD.replace("max_batch_size = 4", "max_batch_size = 0"), "max_batch_size"),
+            (GOOD.replace("crop = [2, 3]", "crop = [0, 3]"), "input.crop"),
+            (GOOD.replace("name = \"m\"", "name = \"../x\""), "name"),
+            (GOOD.replace("std = [2.0, 2.0, 2.0]", "std = [0.0, 2.0, 2.0]"), "input.std"),
+            (GOOD.replace("[output]", "[output]\ntop_k = 0"), "output.top_k"),
+            (GOOD.replace("max_batch_size = 4", "max_batch_size = 4\nmax_batch = 3"), "max_batch"),
+            (GOOD.replace("crop = [2, 3]", "crop = [2, 3]\nscale = [1.0, 1.0, 1.0]"), "not both"),
+            (GOOD.replace("name = \"x\"", "name = 5"), "name"),
+        ];
+        for (text, field) in cases {
+            match parse(&text) {
+                Ok(_) => panic!("accepted config with bad {field}"),
+                Err(e) => assert!(e.contains(field), "error {e:?} does not mention {field}"),
+            }
+        }
+    }
+}

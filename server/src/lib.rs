@@ -1,0 +1,206 @@
+//! kiln's prediction server: the model repository, HTTP/1.1 and HTTP/2 (h2c) on one
+//! port, and the glue from requests to the batcher.
+
+mod config;
+mod error;
+mod http;
+mod model;
+mod preprocess;
+
+use std::collections::HashMap;
+use std::future::Future;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+
+use hyper::service::service_fn;
+use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use hyper_util::server::conn::auto;
+use hyper_util::server::graceful::GracefulShutdown;
+use tokio::net::TcpListener;
+
+pub use config::{ModelConfig, ModelConfig as Config};
+pub use error::{ApiError, ErrorKind};
+pub use model::{Model, Prediction};
+
+/// Failures at start-up or while serving. Start-up errors name the file and field.
+#[derive(Debug, thiserror::Error)]
+pub enum ServerError {
+    #[error("{}: {reason}", path.display())]
+    Config { path: PathBuf, reason: String },
+    #[error("model repository {}: {reason}", path.display())]
+    Repository { path: PathBuf, reason: String },
+    #[error("model {name} failed to start: {reason}")]
+    ModelStart { name: String, reason: String },
+    #[error(transparent)]
+    Engine(#[from] kiln_engine::EngineError),
+    #[error("cannot listen on {addr}: {source}")]
+    Bind { addr: SocketAddr, source: std::io::Error },
+    #[error("{0}")]
+    Other(String),
+}
+
+/// Request-size limits.
+#[derive(Debug, Clone)]
+pub struct Limits {
+    pub max_body_bytes: usize,
+    pub max_batch_files: usize,
+    /// Time a client has to send its request headers (slow-client protection).
+    pub header_read_timeout: Duration,
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Self { max_body_bytes: 64 << 20, max_batch_files: 64, header_read_timeout: Duration::from_secs(10) }
+    }
+}
+
+#[derive(Debug, Clone)]
+pub struct ServerConfig {
+    pub addr: SocketAddr,
+    pub model_repository: PathBuf,
+    pub default_model: Option<String>,
+    pub ort_library: PathBuf,
+    pub limits: Limits,
+    /// How long shutdown waits for open connections before closing them.
+    pub drain_timeout: Duration,
+}
+
+impl ServerConfig {
+    pub fn new(addr: SocketAddr, model_repository: impl Into<PathBuf>, ort_library: impl Into<PathBuf>) -> Self {
+        Self {
+            addr,
+            model_repository: model_repository.into(),
+            default_model: None,
+            ort_library: ort_library.into(),
+            limits: Limits::default(),
+            drain_timeout: Duration::from_secs(30),
+        }
+    }
+}
+
+#[derive(Debug)]
+pub(crate) struct AppState {
+    models: HashMap<String, Arc<Model>>,
+    default_model: Option<String>,
+    limits: Limits,
+}
+
+/// A bound, loaded server: models are ready and the socket accepts connections once
+/// [`Server::serve`] runs.
+#[derive(Debug)]
+pub struct Server {
+    listener: TcpListener,
+    state: Arc<AppState>,
+    drain_timeout: Duration,
+}
+
+impl Server {
+    /// Loads every model of the repository, then binds the socket (port 0 picks a free one).
+    pub async fn bind(config: ServerConfig) -> Result<Self, ServerError> {
+        let repo = config.model_repository.clone();
+        let ort = config.ort_library.clone();
+        let models = tokio::task::spawn_blocking(move || load_repository(&repo, &ort))
+            .await
+            .map_err(|e| ServerError::Other(e.to_string()))??;
+        let default_model = match config.default_model {
+            Some(name) if models.contains_key(&name) => Some(name),
+            Some(name) => {
+                return Err(ServerError::Repository {
+                    path: config.model_repository,
+                    reason: format!("default model {name:?} is not in the repository"),
+                });
+            }
+            None if models.len() == 1 => models.keys().next().cloned(),
+            None => None,
+        };
+        let listener =
+            TcpListener::bind(config.addr).await.map_err(|source| ServerError::Bind { addr: config.addr, source })?;
+        let state = Arc::new(AppState { models, default_model, limits: config.limits });
+        Ok(Self { listener, state, drain_timeout: config.drain_timeout })
+    }
+
+    pub fn local_addr(&self) -> Result<SocketAddr, ServerError> {
+        self.listener.local_addr().map_err(|e| ServerError::Other(e.to_string()))
+    }
+
+    /// Serves until `shutdown` resolves, then stops accepting, lets open connections
+    /// finish (up to the drain timeout) and drains every model's queue.
+    pub async fn serve(self, shutdown: impl Future<Output = ()>) -> Result<(), ServerError> {
+        let mut builder = auto::Builder::new(TokioExecutor::new());
+        builder.http1().timer(TokioTimer::new()).header_read_timeout(self.state.limits.header_read_timeout);
+        // hyper's default 64 KiB-1 MiB windows throttle multi-megabyte tensor uploads.
+        builder
+            .http2()
+            .timer(TokioTimer::new())
+            .initial_stream_window_size(8 << 20)
+            .initial_connection_window_size(32 << 20)
+            .max_frame_size(1 << 20)
+            .max_concurrent_streams(1024);
+        let graceful = GracefulShutdown::new();
+        tokio::pin!(shutdown);
+        loop {
+            tokio::select! {
+                accepted = self.listener.accept() => {
+                    let stream = match accepted {
+                        Ok((stream, _)) => stream,
+                        Err(e) => {
+                            // Usually fd exhaustion: back off instead of spinning.
+                            tracing::warn!(error = %e, "accept failed");
+                            tokio::time::sleep(Duration::from_millis(50)).await;
+                            continue;
+                        }
+                    };
+                    let _ = stream.set_nodelay(true);
+                    let state = Arc::clone(&self.state);
+                    let service = service_fn(move |req| http::handle(Arc::clone(&state), req));
+                    let conn = builder.serve_connection(TokioIo::new(stream), service).into_owned();
+                    let conn = graceful.watch(conn);
+                    tokio::spawn(async move {
+                        if let Err(e) = conn.await {
+                            tracing::debug!(error = %e, "connection ended with an error");
+                        }
+                    });
+                }
+                () = &mut shutdown => break,
+            }
+        }
+        drop(self.listener);
+        tracing::info!("shutting down: draining connections");
+        if tokio::time::timeout(self.drain_timeout, graceful.shutdown()).await.is_err() {
+            tracing::warn!("drain timeout reached; closing remaining connections");
+        }
+        let state = self.state;
+        tokio::task::spawn_blocking(move || {
+            for model in state.models.values() {
+                model.batcher.shutdown();
+            }
+        })
+        .await
+        .map_err(|e| ServerError::Other(e.to_string()))
+    }
+}
+
+fn load_repository(repo: &Path, ort_library: &Path) -> Result<HashMap<String, Arc<Model>>, ServerError> {
+    let io = |e: std::io::Error| ServerError::Repository { path: repo.to_path_buf(), reason: e.to_string() };
+    let mut dirs: Vec<PathBuf> = std::fs::read_dir(repo)
+        .map_err(io)?
+        .filter_map(Result::ok)
+        .map(|e| e.path())
+        .filter(|p| p.join("config.toml").is_file())
+        .collect();
+    dirs.sort();
+    if dirs.is_empty() {
+        return Err(ServerError::Repository {
+            path: repo.to_path_buf(),
+            reason: "no model directories (each needs a config.toml); run `make setup`".into(),
+        });
+    }
+    let mut models = HashMap::new();
+    for dir in dirs {
+        let model = Model::load(&dir, ort_library)?;
+        models.insert(model.name.clone(), model);
+    }
+    Ok(models)
+}

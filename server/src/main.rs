@@ -1,0 +1,94 @@
+use std::io::Write;
+use std::net::{IpAddr, SocketAddr};
+use std::path::PathBuf;
+
+use anyhow::Context;
+use clap::{Args, Parser, Subcommand};
+use kiln_server::{Limits, Server, ServerConfig};
+
+/// kiln: a high-performance deep-learning inference server.
+#[derive(Parser, Debug)]
+#[command(name = "kiln", version, about)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand, Debug)]
+enum Command {
+    /// Serve every model of a model repository over HTTP/1.1 and HTTP/2 (h2c).
+    Serve(ServeArgs),
+}
+
+#[derive(Args, Debug)]
+struct ServeArgs {
+    /// Address to listen on.
+    #[arg(long, env = "KILN_HOST", default_value = "127.0.0.1")]
+    host: IpAddr,
+    /// Port to listen on; 0 picks a free port and prints it.
+    #[arg(long, env = "KILN_PORT", default_value_t = 8000)]
+    port: u16,
+    /// Directory with one sub-directory per model (`<name>/config.toml`, `<name>/<version>/model.onnx`).
+    #[arg(long, env = "KILN_MODEL_REPOSITORY", default_value = "models")]
+    model_repository: PathBuf,
+    /// Model used when a request names none (`?model=NAME`); defaults to the only model, if there is one.
+    #[arg(long, env = "KILN_DEFAULT_MODEL")]
+    default_model: Option<String>,
+    /// Path of the ONNX Runtime shared library (`make setup` installs one here).
+    #[arg(long, env = "KILN_ORT_LIBRARY", default_value = ".kiln/lib/libonnxruntime.so")]
+    ort_library: PathBuf,
+    /// Largest accepted request body, in bytes.
+    #[arg(long, env = "KILN_MAX_BODY_BYTES", default_value_t = 64 << 20)]
+    max_body_bytes: usize,
+    /// Most files accepted by one `/predict/batch` request.
+    #[arg(long, env = "KILN_MAX_BATCH_FILES", default_value_t = 64)]
+    max_batch_files: usize,
+}
+
+fn main() -> anyhow::Result<()> {
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_env("KILN_LOG").unwrap_or_else(|_| "info".into()),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+    let cli = Cli::parse();
+    let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
+    match cli.command {
+        Command::Serve(args) => runtime.block_on(serve(args)),
+    }
+}
+
+async fn serve(args: ServeArgs) -> anyhow::Result<()> {
+    let mut config = ServerConfig::new(SocketAddr::new(args.host, args.port), args.model_repository, args.ort_library);
+    config.default_model = args.default_model;
+    config.limits = Limits { max_body_bytes: args.max_body_bytes, max_batch_files: args.max_batch_files, ..Limits::default() };
+    let server = Server::bind(config).await.context("kiln serve could not start")?;
+    let addr = server.local_addr()?;
+    // Scripts and tests read this line to find the port when --port 0 was given.
+    println!("kiln listening on http://{addr}");
+    std::io::stdout().flush()?;
+    server.serve(shutdown_signal()).await?;
+    tracing::info!("stopped");
+    Ok(())
+}
+
+async fn shutdown_signal() {
+    let ctrl_c = async {
+        if tokio::signal::ctrl_c().await.is_err() {
+            std::future::pending::<()>().await;
+        }
+    };
+    let term = async {
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(mut s) => {
+                s.recv().await;
+            }
+            Err(_) => std::future::pending::<()>().await,
+        }
+    };
+    tokio::select! {
+        () = ctrl_c => {},
+        () = term => {},
+    }
+}
