@@ -15,12 +15,7 @@ pub struct BatcherConfig {
 
 impl Default for BatcherConfig {
     fn default() -> Self {
-        Self {
-            max_batch_size: 8,
-            max_queue_delay: Duration::from_millis(2),
-            max_queue_size: 1024,
-            instance_count: 1,
-        }
+        Self { max_batch_size: 8, max_queue_delay: Duration::from_millis(2), max_queue_size: 1024, instance_count: 1 }
     }
 }
 

@@ -63,6 +63,28 @@ pub(crate) struct Job<E: Executor> {
     items: usize,
     enqueued: Instant,
     reply: oneshot::Sender<Result<E::Output, BatchError>>,
+    slot: QueueSlot,
+}
+
+/// A request's place in the bounded queue. It is given back when execution starts, or
+/// when the job is dropped on any other path (cancelled, failed), so no path can leak it.
+pub(crate) struct QueueSlot {
+    queued: Arc<AtomicUsize>,
+    held: bool,
+}
+
+impl QueueSlot {
+    pub(crate) fn release(&mut self) {
+        if std::mem::take(&mut self.held) {
+            self.queued.fetch_sub(1, Ordering::AcqRel);
+        }
+    }
+}
+
+impl Drop for QueueSlot {
+    fn drop(&mut self) {
+        self.release();
+    }
 }
 
 impl<E: Executor> Job<E> {
@@ -99,7 +121,7 @@ impl<E: Executor> Batcher<E> {
         config.validate().map_err(|reason| BatchError::Startup { index: 0, reason })?;
         let stats = Arc::new(BatchStats::default());
         let queued = Arc::new(AtomicUsize::new(0));
-        let (submit, threads) = scheduler::start(&config, factory, Arc::clone(&stats), Arc::clone(&queued))?;
+        let (submit, threads) = scheduler::start(&config, factory, Arc::clone(&stats))?;
         Ok(Self { config, submit: Mutex::new(Some(submit)), queued, stats, threads: Mutex::new(threads) })
     }
 
@@ -131,9 +153,10 @@ impl<E: Executor> Batcher<E> {
                 self.stats.record_rejected();
                 return Err(BatchError::QueueFull(max));
             }
-            let job = Job { input, items, enqueued: Instant::now(), reply };
+            let slot = QueueSlot { queued: Arc::clone(&self.queued), held: true };
+            let job = Job { input, items, enqueued: Instant::now(), reply, slot };
             if tx.send(job).is_err() {
-                self.queued.fetch_sub(1, Ordering::AcqRel);
+                // The rejected job (and with it the slot) was dropped inside the error.
                 return Err(BatchError::ShuttingDown);
             }
         }

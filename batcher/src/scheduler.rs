@@ -4,7 +4,6 @@
 //! requests never sit in a sealed, half-empty batch while a fuller one could form.
 
 use std::sync::Arc;
-use std::sync::atomic::{AtomicUsize, Ordering};
 use std::thread::JoinHandle;
 use std::time::Instant;
 
@@ -23,7 +22,6 @@ pub(crate) fn start<E, F>(
     config: &BatcherConfig,
     factory: F,
     stats: Arc<BatchStats>,
-    queued: Arc<AtomicUsize>,
 ) -> Result<(Sender<Job<E>>, Threads), BatchError>
 where
     E: Executor,
@@ -39,19 +37,18 @@ where
     for index in 0..config.instance_count {
         let (factory, batch_rx, idle_tx, ready_tx) =
             (Arc::clone(&factory), batch_rx.clone(), idle_tx.clone(), ready_tx.clone());
-        let (stats, queued) = (Arc::clone(&stats), Arc::clone(&queued));
-        let spawned = std::thread::Builder::new().name(format!("kiln-exec-{index}")).spawn(move || {
-            match factory(index) {
+        let stats = Arc::clone(&stats);
+        let spawned =
+            std::thread::Builder::new().name(format!("kiln-exec-{index}")).spawn(move || match factory(index) {
                 Ok(executor) => {
                     let _ = ready_tx.send(Ok(()));
                     drop(ready_tx);
-                    run_executor(executor, &batch_rx, &idle_tx, &stats, &queued);
+                    run_executor(executor, &batch_rx, &idle_tx, &stats);
                 }
                 Err(e) => {
                     let _ = ready_tx.send(Err(BatchError::Startup { index, reason: e.0 }));
                 }
-            }
-        });
+            });
         match spawned {
             Ok(handle) => threads.push(handle),
             Err(e) => return Err(BatchError::Startup { index, reason: e.to_string() }),
@@ -163,20 +160,17 @@ fn fail_all<E: Executor>(batch: Batch<E>, carry: Option<Job<E>>) {
     }
 }
 
-fn run_executor<E: Executor>(
-    mut executor: E,
-    batches: &Receiver<Batch<E>>,
-    idle: &Sender<()>,
-    stats: &BatchStats,
-    queued: &AtomicUsize,
-) {
+fn run_executor<E: Executor>(mut executor: E, batches: &Receiver<Batch<E>>, idle: &Sender<()>, stats: &BatchStats) {
     loop {
         // A send error means the scheduler is gone; still drain the batches it sealed.
         let _ = idle.send(());
         let Ok(batch) = batches.recv() else { return };
         let started = Instant::now();
-        queued.fetch_sub(batch.jobs.len(), Ordering::AcqRel);
-        let (jobs, cancelled): (Vec<_>, Vec<_>) = batch.jobs.into_iter().partition(|j| !j.is_cancelled());
+        let mut all = batch.jobs;
+        for job in &mut all {
+            job.slot.release();
+        }
+        let (jobs, cancelled): (Vec<_>, Vec<_>) = all.into_iter().partition(|j| !j.is_cancelled());
         for _ in &cancelled {
             stats.record_cancelled();
         }

@@ -74,11 +74,10 @@ impl OrtBackend {
         if !model.is_file() {
             return Err(EngineError::ModelNotFound { path: model.to_path_buf() });
         }
-        let load_err = |e: &dyn std::fmt::Display| EngineError::ModelLoad { path: model.to_path_buf(), reason: e.to_string() };
+        let load_err =
+            |e: &dyn std::fmt::Display| EngineError::ModelLoad { path: model.to_path_buf(), reason: e.to_string() };
         let mut builder = Session::builder(&runtime.env).map_err(|e| load_err(&e))?;
-        builder = builder
-            .with_optimization_level(GraphOptimizationLevel::All)
-            .map_err(|e| load_err(&e))?;
+        builder = builder.with_optimization_level(GraphOptimizationLevel::All).map_err(|e| load_err(&e))?;
         if options.intra_threads > 0 {
             builder = builder.with_intra_threads(options.intra_threads).map_err(|e| load_err(&e))?;
         }
@@ -95,10 +94,7 @@ fn spec(name: &str, ty: &ValueType) -> Result<TensorSpec, EngineError> {
     };
     let dtype = dtype_from_ort(*ty)
         .ok_or_else(|| EngineError::Unsupported { what: "element type", detail: format!("{name}: {ty:?}") })?;
-    let shape = shape
-        .iter()
-        .map(|&d| usize::try_from(d).map(Dim::Fixed).unwrap_or(Dim::Dynamic))
-        .collect();
+    let shape = shape.iter().map(|&d| usize::try_from(d).map(Dim::Fixed).unwrap_or(Dim::Dynamic)).collect();
     Ok(TensorSpec { name: name.to_string(), dtype, shape })
 }
 

@@ -1,0 +1,95 @@
+//! Shared fixtures for the end-to-end tests: where `make setup` put things, and a
+//! helper that starts a real kiln server on a loopback port chosen by the OS.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+
+use anyhow::{Context, ensure};
+use kiln_server::{Server, ServerConfig};
+
+/// The workspace root (this crate lives in `<root>/tests`).
+pub fn workspace_root() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("..")
+}
+
+/// The ONNX Runtime library installed by `make setup` (or `KILN_ORT_LIBRARY`).
+pub fn ort_library() -> anyhow::Result<PathBuf> {
+    let path = std::env::var_os("KILN_ORT_LIBRARY")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| workspace_root().join(".kiln/lib/libonnxruntime.so"));
+    ensure!(path.is_file(), "{} is missing: run `make setup` first", path.display());
+    Ok(path)
+}
+
+/// The model repository with the imported default model.
+pub fn model_repository() -> anyhow::Result<PathBuf> {
+    let repo = workspace_root().join("models");
+    ensure!(
+        repo.join("efficientnet_lite0/1/model.onnx").is_file(),
+        "the default model is missing from {}: run `make setup` first",
+        repo.display()
+    );
+    Ok(repo)
+}
+
+/// One of the sample photos extracted by `make setup` (`flower.jpg`, `china.jpg`).
+pub fn photo(name: &str) -> anyhow::Result<Vec<u8>> {
+    let path = workspace_root().join(".kiln/assets").join(name);
+    std::fs::read(&path).with_context(|| format!("reading {} (run `make setup` first)", path.display()))
+}
+
+/// A server configuration for the default repository on 127.0.0.1, port 0.
+pub fn default_config() -> anyhow::Result<ServerConfig> {
+    let addr: SocketAddr = "127.0.0.1:0".parse()?;
+    Ok(ServerConfig::new(addr, model_repository()?, ort_library()?))
+}
+
+/// A running in-process server; dropping it stops accepting connections.
+#[derive(Debug)]
+pub struct TestServer {
+    pub addr: SocketAddr,
+    stop: Option<tokio::sync::oneshot::Sender<()>>,
+    task: Option<tokio::task::JoinHandle<Result<(), kiln_server::ServerError>>>,
+}
+
+impl TestServer {
+    pub async fn start(config: ServerConfig) -> anyhow::Result<Self> {
+        let server = Server::bind(config).await?;
+        let addr = server.local_addr()?;
+        let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+        let task = tokio::spawn(server.serve(async move {
+            let _ = stopped.await;
+        }));
+        Ok(Self { addr, stop: Some(stop), task: Some(task) })
+    }
+
+    pub fn url(&self, path: &str) -> String {
+        format!("http://{}{}", self.addr, path)
+    }
+
+    /// Graceful stop: waits until connections and queues are drained.
+    pub async fn shutdown(mut self) -> anyhow::Result<()> {
+        if let Some(stop) = self.stop.take() {
+            let _ = stop.send(());
+        }
+        if let Some(task) = self.task.take() {
+            task.await??;
+        }
+        Ok(())
+    }
+}
+
+impl Drop for TestServer {
+    fn drop(&mut self) {
+        if let Some(stop) = self.stop.take() {
+            let _ = stop.send(());
+        }
+    }
+}
+
+/// HTTP/1.1-only and HTTP/2 prior-knowledge (h2c) clients.
+pub fn clients() -> anyhow::Result<[(&'static str, reqwest::Client); 2]> {
+    let h1 = reqwest::Client::builder().http1_only().build()?;
+    let h2 = reqwest::Client::builder().http2_prior_knowledge().build()?;
+    Ok([("http/1.1", h1), ("h2c", h2)])
+}
