@@ -12,10 +12,10 @@ use http_body_util::{BodyExt, Full, LengthLimitError, Limited};
 use hyper::body::Incoming;
 use serde::Serialize;
 
+use crate::AppState;
 use crate::error::{ApiError, ErrorBody, ErrorKind};
 use crate::model::{Model, Prediction};
 use crate::preprocess::{self, ImageError};
-use crate::AppState;
 
 pub type HttpResponse = Response<Full<Bytes>>;
 
@@ -140,7 +140,10 @@ async fn read_files(state: &AppState, req: Request<Incoming>, arity: Arity) -> R
         }
     }
     if files.is_empty() {
-        return Err(ApiError::new(ErrorKind::MissingField, format!("the multipart field '{}' is missing", arity.field())));
+        return Err(ApiError::new(
+            ErrorKind::MissingField,
+            format!("the multipart field '{}' is missing", arity.field()),
+        ));
     }
     Ok(files)
 }
@@ -159,7 +162,8 @@ async fn prepare(model: &Arc<Model>, files: Vec<Bytes>) -> Result<Vec<crate::mod
             .map(|(c, part)| {
                 let mut data = vec![0.0f32; part.len() * item];
                 for (i, (bytes, out)) in part.iter().zip(data.chunks_exact_mut(item)).enumerate() {
-                    let image = preprocess::decode(bytes).map_err(|e| image_error(e, multiple.then_some(c * chunk + i)))?;
+                    let image =
+                        preprocess::decode(bytes).map_err(|e| image_error(e, multiple.then_some(c * chunk + i)))?;
                     model.preprocess.run(&image, out);
                 }
                 model.image_input(part.len(), data).map_err(ApiError::internal)

@@ -47,9 +47,7 @@ struct ServeArgs {
 
 fn main() -> anyhow::Result<()> {
     tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_env("KILN_LOG").unwrap_or_else(|_| "info".into()),
-        )
+        .with_env_filter(tracing_subscriber::EnvFilter::try_from_env("KILN_LOG").unwrap_or_else(|_| "info".into()))
         .with_writer(std::io::stderr)
         .init();
     let cli = Cli::parse();
@@ -62,7 +60,8 @@ fn main() -> anyhow::Result<()> {
 async fn serve(args: ServeArgs) -> anyhow::Result<()> {
     let mut config = ServerConfig::new(SocketAddr::new(args.host, args.port), args.model_repository, args.ort_library);
     config.default_model = args.default_model;
-    config.limits = Limits { max_body_bytes: args.max_body_bytes, max_batch_files: args.max_batch_files, ..Limits::default() };
+    config.limits =
+        Limits { max_body_bytes: args.max_body_bytes, max_batch_files: args.max_batch_files, ..Limits::default() };
     let server = Server::bind(config).await.context("kiln serve could not start")?;
     let addr = server.local_addr()?;
     // Scripts and tests read this line to find the port when --port 0 was given.

@@ -8,9 +8,9 @@ use kiln_batcher::{Batcher, BatcherConfig, Executor, ExecutorError, Payload};
 use kiln_engine::{Backend, DType, Dim, ModelMetadata, OrtBackend, OrtOptions, OrtRuntime, Tensor, TensorData};
 use serde::Serialize;
 
+use crate::ServerError;
 use crate::config::{BackendKind, ModelConfig};
 use crate::preprocess::Preprocess;
-use crate::ServerError;
 
 /// One request's inputs, one tensor per model input, batch axis first.
 #[derive(Debug)]
@@ -162,10 +162,8 @@ impl Model {
         let k = self.config.output.top_k.min(order.len());
         // Sort descending by score; NaN (never expected) sorts last instead of panicking.
         order.sort_unstable_by(|&a, &b| scores[b].total_cmp(&scores[a]));
-        let top_k: Vec<Class> = order[..k]
-            .iter()
-            .map(|&i| Class { label: self.label(i), class_id: i, score: scores[i] })
-            .collect();
+        let top_k: Vec<Class> =
+            order[..k].iter().map(|&i| Class { label: self.label(i), class_id: i, score: scores[i] }).collect();
         let best = top_k.first().cloned().unwrap_or(Class { label: String::new(), class_id: 0, score: 0.0 });
         Prediction { label: best.label, class_id: best.class_id, score: best.score, top_k }
     }
@@ -191,7 +189,12 @@ fn softmax(logits: &[f32]) -> Vec<f32> {
 
 /// The model must take one FP32 image tensor shaped like the preprocessing output, and
 /// produce the configured output; returns that output's index.
-fn check_signature(config: &ModelConfig, meta: &ModelMetadata, pre: &Preprocess, labels: usize) -> Result<usize, String> {
+fn check_signature(
+    config: &ModelConfig,
+    meta: &ModelMetadata,
+    pre: &Preprocess,
+    labels: usize,
+) -> Result<usize, String> {
     let [input] = meta.inputs.as_slice() else {
         return Err(format!("the model has {} inputs; image models take exactly one", meta.inputs.len()));
     };
@@ -205,7 +208,10 @@ fn check_signature(config: &ModelConfig, meta: &ModelMetadata, pre: &Preprocess,
     let fits = input.shape.len() == 4
         && input.shape[1..].iter().zip(expected).all(|(d, e)| matches!(d, Dim::Dynamic) || *d == Dim::Fixed(e));
     if !fits {
-        return Err(format!("input.crop/layout: the model's input shape {:?} does not take {expected:?}", input.shape_i64()));
+        return Err(format!(
+            "input.crop/layout: the model's input shape {:?} does not take {expected:?}",
+            input.shape_i64()
+        ));
     }
     if input.shape[0] != Dim::Dynamic && config.max_batch_size > 1 {
         return Err("max_batch_size: the model's batch axis is fixed; export it with a dynamic batch axis".into());
