@@ -51,16 +51,10 @@ impl OrtRuntime {
 }
 
 /// Options for one ONNX Runtime session.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, Default)]
 pub struct OrtOptions {
     /// Threads used inside one operator; 0 lets ONNX Runtime decide (one per core).
     pub intra_threads: usize,
-}
-
-impl Default for OrtOptions {
-    fn default() -> Self {
-        Self { intra_threads: 0 }
-    }
 }
 
 #[derive(Debug)]

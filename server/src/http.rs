@@ -92,8 +92,9 @@ impl Arity {
 }
 
 fn select_model<'a>(state: &'a AppState, query: Option<&str>) -> Result<&'a Arc<Model>, ApiError> {
-    let requested = query.and_then(|q| q.split('&').find_map(|kv| kv.strip_prefix("model=")));
-    let name = match requested {
+    let requested = query
+        .and_then(|q| form_urlencoded::parse(q.as_bytes()).find_map(|(k, v)| (k == "model").then(|| v.into_owned())));
+    let name = match requested.as_deref() {
         Some(name) => name,
         None => state.default_model.as_deref().ok_or_else(|| {
             ApiError::new(ErrorKind::ModelNotFound, "several models are served; choose one with ?model=NAME")

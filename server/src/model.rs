@@ -225,10 +225,11 @@ fn check_signature(
     if output.dtype != DType::F32 {
         return Err(format!("output: the model's output is {}, expected FP32", output.dtype));
     }
-    if let (Some(Dim::Fixed(classes)), true) = (output.shape.last(), labels > 0) {
-        if *classes != labels {
-            return Err(format!("output.labels: {labels} labels for {classes} classes"));
-        }
+    if let Some(Dim::Fixed(classes)) = output.shape.last()
+        && labels > 0
+        && *classes != labels
+    {
+        return Err(format!("output.labels: {labels} labels for {classes} classes"));
     }
     Ok(index)
 }
