@@ -1,19 +1,24 @@
 //! The scheduler thread forms batches; executor threads run them. Executors announce
-//! that they are idle on `idle`, and the scheduler keeps growing the current batch until
-//! one is: a batch is sealed only when it is full or when it can start at once, so
-//! requests never sit in a sealed, half-empty batch while a fuller one could form.
+//! that they are idle on `idle`, and the scheduler keeps growing the next batch until
+//! one is: a batch is sealed only when it can start at once, so requests never sit in
+//! a sealed, half-empty batch while a fuller one could form.
 
 use std::sync::Arc;
 use std::thread::JoinHandle;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use crossbeam_channel::{Receiver, RecvTimeoutError, Sender, select};
 
-use crate::{BatchError, BatchStats, BatcherConfig, Executor, ExecutorError, Job};
+use crate::adaptive::QueueDelay;
+use crate::queue::Pending;
+use crate::stats::{BatchRecord, Observers};
+use crate::{BatchError, BatcherConfig, Executor, ExecutorError, Job};
 
-struct Batch<E: Executor> {
-    jobs: Vec<Job<E>>,
-    items: usize,
+/// State the scheduler and executors share with the [`crate::Batcher`] handle.
+#[derive(Clone)]
+pub(crate) struct Shared {
+    pub(crate) observers: Arc<Observers>,
+    pub(crate) delay: Arc<QueueDelay>,
 }
 
 type Threads = Vec<JoinHandle<()>>;
@@ -21,14 +26,14 @@ type Threads = Vec<JoinHandle<()>>;
 pub(crate) fn start<E, F>(
     config: &BatcherConfig,
     factory: F,
-    stats: Arc<BatchStats>,
+    shared: Shared,
 ) -> Result<(Sender<Job<E>>, Threads), BatchError>
 where
     E: Executor,
     F: Fn(usize) -> Result<E, ExecutorError> + Send + Sync + 'static,
 {
     let (submit_tx, submit_rx) = crossbeam_channel::unbounded::<Job<E>>();
-    let (batch_tx, batch_rx) = crossbeam_channel::unbounded::<Batch<E>>();
+    let (batch_tx, batch_rx) = crossbeam_channel::unbounded::<Vec<Job<E>>>();
     let (idle_tx, idle_rx) = crossbeam_channel::unbounded::<()>();
     let (ready_tx, ready_rx) = crossbeam_channel::unbounded::<Result<(), BatchError>>();
     let factory = Arc::new(factory);
@@ -37,13 +42,13 @@ where
     for index in 0..config.instance_count {
         let (factory, batch_rx, idle_tx, ready_tx) =
             (Arc::clone(&factory), batch_rx.clone(), idle_tx.clone(), ready_tx.clone());
-        let stats = Arc::clone(&stats);
+        let shared = shared.clone();
         let spawned =
             std::thread::Builder::new().name(format!("kiln-exec-{index}")).spawn(move || match factory(index) {
                 Ok(executor) => {
                     let _ = ready_tx.send(Ok(()));
                     drop(ready_tx);
-                    run_executor(executor, &batch_rx, &idle_tx, &stats);
+                    run_executor(executor, &batch_rx, &idle_tx, &shared);
                 }
                 Err(e) => {
                     let _ = ready_tx.send(Err(BatchError::Startup { index, reason: e.0 }));
@@ -71,117 +76,166 @@ where
     let config = config.clone();
     let scheduler = std::thread::Builder::new()
         .name("kiln-scheduler".into())
-        .spawn(move || schedule(&config, &submit_rx, &batch_tx, &idle_rx, &stats))
+        .spawn(move || Scheduler::new(&config, submit_rx, batch_tx, idle_rx, shared).run())
         .map_err(|e| BatchError::Startup { index: 0, reason: e.to_string() })?;
     threads.push(scheduler);
     Ok((submit_tx, threads))
 }
 
-/// Adds `job` to `batch` if it fits; otherwise hands it back to start the next batch.
-fn admit<E: Executor>(batch: &mut Batch<E>, job: Job<E>, max: usize, stats: &BatchStats) -> Option<Job<E>> {
-    if job.is_cancelled() {
-        stats.record_cancelled();
-        return None;
-    }
-    if batch.items + job.items > max {
-        return Some(job);
-    }
-    batch.items += job.items;
-    batch.jobs.push(job);
-    None
+struct Scheduler<E: Executor> {
+    max: usize,
+    preferred: Vec<usize>,
+    submit: Receiver<Job<E>>,
+    batches: Sender<Vec<Job<E>>>,
+    idle: Receiver<()>,
+    idle_executors: usize,
+    pending: Pending<E>,
+    closed: bool,
+    delay: Arc<QueueDelay>,
 }
 
-fn schedule<E: Executor>(
-    config: &BatcherConfig,
-    submit: &Receiver<Job<E>>,
-    batches: &Sender<Batch<E>>,
-    idle: &Receiver<()>,
-    stats: &BatchStats,
-) {
-    let max = config.max_batch_size;
-    let mut carry: Option<Job<E>> = None;
-    let mut closed = false;
-    loop {
-        let first = match carry.take() {
-            Some(job) => job,
-            None if closed => break,
-            None => match submit.recv() {
-                Ok(job) => job,
-                Err(_) => break,
-            },
-        };
-        let deadline = first.enqueued + config.max_queue_delay;
-        if first.is_cancelled() {
-            stats.record_cancelled();
-            continue;
+impl<E: Executor> Scheduler<E> {
+    fn new(
+        config: &BatcherConfig,
+        submit: Receiver<Job<E>>,
+        batches: Sender<Vec<Job<E>>>,
+        idle: Receiver<()>,
+        shared: Shared,
+    ) -> Self {
+        let mut preferred = config.preferred_batch_sizes.clone();
+        preferred.sort_unstable();
+        Self {
+            max: config.max_batch_size,
+            preferred,
+            submit,
+            batches,
+            idle,
+            idle_executors: 0,
+            pending: Pending::new(config.priority_levels, config.priority_aging),
+            closed: false,
+            delay: shared.delay,
         }
-        // `infer` rejects requests larger than `max_batch_size`, so a lone job always fits.
-        let mut batch = Batch { items: first.items, jobs: Vec::with_capacity(max) };
-        batch.jobs.push(first);
-        // Phase 1: fill until full or until the oldest request's delay runs out.
-        while batch.items < max && carry.is_none() && !closed {
-            match submit.recv_deadline(deadline) {
-                Ok(job) => carry = admit(&mut batch, job, max, stats),
-                Err(RecvTimeoutError::Timeout) => break,
-                Err(RecvTimeoutError::Disconnected) => closed = true,
+    }
+
+    fn admit(&mut self, job: Result<Job<E>, impl Sized>) {
+        match job {
+            Ok(job) => self.pending.push(job),
+            Err(_) => self.closed = true,
+        }
+    }
+
+    /// The largest preferred size the queue has reached, or the full size.
+    fn dispatch_limit(&self, due: bool) -> Option<usize> {
+        let items = self.pending.items();
+        if items >= self.max || due || self.closed {
+            return Some(self.max);
+        }
+        self.preferred.iter().rev().find(|&&p| p <= items).copied()
+    }
+
+    fn run(mut self) {
+        loop {
+            if self.pending.is_empty() {
+                if self.closed {
+                    return;
+                }
+                let job = self.submit.recv();
+                self.admit(job);
+                continue;
+            }
+            while let Ok(job) = self.submit.try_recv() {
+                self.pending.push(job);
+            }
+            self.pending.purge_fronts();
+            let Some(oldest) = self.pending.oldest() else { continue };
+            let due_at = oldest + self.delay.current();
+            let now = Instant::now();
+            if self.dispatch_limit(now >= due_at).is_none() {
+                let job = self.submit.recv_deadline(due_at);
+                if !matches!(job, Err(RecvTimeoutError::Timeout)) {
+                    self.admit(job.map_err(|_| ()));
+                }
+                continue;
+            }
+            if !self.wait_for_executor() {
+                return self.fail_all(Vec::new());
+            }
+            let limit = self.dispatch_limit(Instant::now() >= due_at).unwrap_or(self.max);
+            let (jobs, _) = self.pending.take(limit, Instant::now());
+            if jobs.is_empty() {
+                continue; // everything left had expired or been cancelled; keep the executor
+            }
+            self.idle_executors -= 1;
+            if let Err(e) = self.batches.send(jobs) {
+                return self.fail_all(e.0);
             }
         }
-        // Phase 2: wait for a free executor, still growing the batch while it can grow.
-        loop {
-            if batch.items >= max || carry.is_some() || closed {
-                if idle.recv().is_err() {
-                    return fail_all(batch, carry);
+    }
+
+    /// Blocks until an executor is idle, still admitting requests meanwhile so the batch
+    /// keeps growing. False when every executor is gone.
+    fn wait_for_executor(&mut self) -> bool {
+        while self.idle.try_recv().is_ok() {
+            self.idle_executors += 1;
+        }
+        while self.idle_executors == 0 {
+            if self.closed || self.pending.items() >= self.max {
+                if self.idle.recv().is_err() {
+                    return false;
                 }
+                self.idle_executors += 1;
                 break;
             }
             select! {
-                recv(idle) -> token => {
+                recv(self.idle) -> token => {
                     if token.is_err() {
-                        return fail_all(batch, carry);
+                        return false;
                     }
-                    break;
+                    self.idle_executors += 1;
                 }
-                recv(submit) -> job => match job {
-                    Ok(job) => carry = admit(&mut batch, job, max, stats),
-                    Err(_) => closed = true,
-                },
+                recv(self.submit) -> job => self.admit(job),
             }
         }
-        if let Err(e) = batches.send(batch) {
-            return fail_all(e.0, carry);
+        true
+    }
+
+    /// Every executor is gone: answer whatever is left instead of leaving clients waiting.
+    fn fail_all(mut self, extra: Vec<Job<E>>) {
+        for job in extra.into_iter().chain(self.pending.drain()).chain(self.submit.try_iter()) {
+            let _ = job.reply.send(Err(BatchError::Lost));
         }
     }
 }
 
-/// Every executor is gone: answer whatever is left instead of leaving clients waiting.
-fn fail_all<E: Executor>(batch: Batch<E>, carry: Option<Job<E>>) {
-    for job in batch.jobs.into_iter().chain(carry) {
-        let _ = job.reply.send(Err(BatchError::Lost));
-    }
-}
-
-fn run_executor<E: Executor>(mut executor: E, batches: &Receiver<Batch<E>>, idle: &Sender<()>, stats: &BatchStats) {
+fn run_executor<E: Executor>(mut executor: E, batches: &Receiver<Vec<Job<E>>>, idle: &Sender<()>, shared: &Shared) {
+    let observers = &shared.observers;
     loop {
         // A send error means the scheduler is gone; still drain the batches it sealed.
         let _ = idle.send(());
         let Ok(batch) = batches.recv() else { return };
         let started = Instant::now();
-        let mut all = batch.jobs;
-        for job in &mut all {
-            job.slot.release();
-        }
-        let (jobs, cancelled): (Vec<_>, Vec<_>) = all.into_iter().partition(|j| !j.is_cancelled());
-        for _ in &cancelled {
-            stats.record_cancelled();
-        }
+        // Claim each request; skip those cancelled or past their deadline meanwhile.
+        let jobs: Vec<Job<E>> = batch
+            .into_iter()
+            .filter(|job| {
+                if job.deadline.is_some_and(|d| d <= started) {
+                    if job.ticket.expire() {
+                        observers.each(|o| o.request_expired());
+                    }
+                    return false;
+                }
+                job.ticket.start()
+            })
+            .collect();
         if jobs.is_empty() {
             continue;
         }
         let items: usize = jobs.iter().map(|j| j.items).sum();
-        let queue_time = jobs.iter().map(|j| started.saturating_duration_since(j.enqueued)).sum();
+        let queue_times: Vec<Duration> = jobs.iter().map(|j| started.saturating_duration_since(j.enqueued)).collect();
         let inputs: Vec<&E::Input> = jobs.iter().map(|j| &j.input).collect();
         let result = executor.execute(&inputs);
         drop(inputs);
+        let finished = Instant::now();
         let outcome = match result {
             Ok(outputs) if outputs.len() == jobs.len() => Ok(outputs),
             Ok(outputs) => Err(BatchError::Execution(format!(
@@ -191,7 +245,15 @@ fn run_executor<E: Executor>(mut executor: E, batches: &Receiver<Batch<E>>, idle
             ))),
             Err(e) => Err(BatchError::Execution(e.0)),
         };
-        stats.record_batch(jobs.len(), items, queue_time, started.elapsed(), outcome.is_ok());
+        let record = BatchRecord {
+            requests: jobs.len(),
+            items,
+            queue_times: &queue_times,
+            compute: finished - started,
+            ok: outcome.is_ok(),
+        };
+        observers.each(|o| o.batch_executed(&record));
+        shared.delay.observe(jobs.iter().map(|j| finished.saturating_duration_since(j.enqueued)));
         match outcome {
             Ok(outputs) => {
                 for (job, out) in jobs.into_iter().zip(outputs) {

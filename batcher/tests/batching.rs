@@ -187,7 +187,13 @@ impl Executor for FakeExecutor {
 }
 
 fn config(max_batch_size: usize, max_queue_size: usize, instance_count: usize, delay_ms: u64) -> BatcherConfig {
-    BatcherConfig { max_batch_size, max_queue_delay: Duration::from_millis(delay_ms), max_queue_size, instance_count }
+    BatcherConfig {
+        max_batch_size,
+        max_queue_delay: Duration::from_millis(delay_ms),
+        max_queue_size,
+        instance_count,
+        ..BatcherConfig::default()
+    }
 }
 
 fn start(config: BatcherConfig, spec: &Spec) -> Result<Arc<Batcher<FakeExecutor>>, BatchError> {
@@ -306,8 +312,11 @@ async fn bad_item_counts_are_refused() -> TestResult {
     let spec = Spec::default();
     let batcher = start(config(8, 16, 1, 1), &spec)?;
 
-    assert_eq!(batcher.infer(Req { id: 1, items: 9 }).await, Err(BatchError::BadItemCount { items: 9, max: 8 }));
-    assert_eq!(batcher.infer(Req { id: 2, items: 0 }).await, Err(BatchError::BadItemCount { items: 0, max: 8 }));
+    // `Req` cannot be split, so a request above max_batch_size is refused.
+    let too_many = batcher.infer(Req { id: 1, items: 9 }).await;
+    assert!(matches!(too_many, Err(BatchError::BadItemCount { items: 9, .. })), "{too_many:?}");
+    let none = batcher.infer(Req { id: 2, items: 0 }).await;
+    assert!(matches!(none, Err(BatchError::BadItemCount { items: 0, .. })), "{none:?}");
     // The boundary is accepted.
     assert_eq!(batcher.infer(Req { id: 3, items: 8 }).await?, ok_answer(3, 8, 8));
 
