@@ -215,18 +215,18 @@ fn run_executor<E: Executor>(mut executor: E, batches: &Receiver<Vec<Job<E>>>, i
         let Ok(batch) = batches.recv() else { return };
         let started = Instant::now();
         // Claim each request; skip those cancelled or past their deadline meanwhile.
-        let jobs: Vec<Job<E>> = batch
-            .into_iter()
-            .filter(|job| {
-                if job.deadline.is_some_and(|d| d <= started) {
-                    if job.ticket.expire() {
-                        observers.each(|o| o.request_expired());
-                    }
-                    return false;
+        let mut jobs: Vec<Job<E>> = Vec::with_capacity(batch.len());
+        for job in batch {
+            if job.deadline.is_some_and(|d| d <= started) {
+                // The client's own timer may not have fired yet: answer it here.
+                if job.ticket.expire() {
+                    observers.each(|o| o.request_expired());
+                    let _ = job.reply.send(Err(BatchError::Timeout));
                 }
-                job.ticket.start()
-            })
-            .collect();
+            } else if job.ticket.start() {
+                jobs.push(job);
+            }
+        }
         if jobs.is_empty() {
             continue;
         }

@@ -4,6 +4,7 @@
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
+use kiln_batcher::BatcherConfig;
 use serde::Deserialize;
 
 use crate::ServerError;
@@ -28,11 +29,16 @@ pub enum BackendKind {
     Onnxruntime,
 }
 
+/// The `[batching]` table: the model's scheduling (see `kiln-batcher` for semantics).
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct BatchingConfig {
+    /// Longest wait for a batch to fill; the upper bound when `target_p99_ms` is set.
     #[serde(default = "default_delay_us")]
     pub max_queue_delay_us: u64,
+    /// Batch sizes dispatched as soon as they are reached.
+    #[serde(default)]
+    pub preferred_batch_sizes: Vec<usize>,
     #[serde(default = "default_queue_size")]
     pub max_queue_size: usize,
     #[serde(default = "default_instances")]
@@ -40,6 +46,25 @@ pub struct BatchingConfig {
     /// ONNX Runtime intra-op threads per instance; 0 = one per core.
     #[serde(default)]
     pub intra_threads: usize,
+    /// Queue deadline for requests that set none (`timeout_ms`); unset = no deadline.
+    pub default_timeout_ms: Option<u64>,
+    /// Priority levels 1..=N (1 highest); requests choose with `priority`.
+    #[serde(default = "default_one")]
+    pub priority_levels: u32,
+    #[serde(default = "default_one")]
+    pub default_priority_level: u32,
+    /// A waiting request rises one level per this much waiting (anti-starvation).
+    #[serde(default = "default_aging_ms")]
+    pub priority_aging_ms: u64,
+    /// Adaptive delay: keep p99 latency under this target while growing batches.
+    pub target_p99_ms: Option<f64>,
+}
+
+fn default_one() -> u32 {
+    1
+}
+fn default_aging_ms() -> u64 {
+    100
 }
 
 fn default_delay_us() -> u64 {
@@ -56,16 +81,35 @@ impl Default for BatchingConfig {
     fn default() -> Self {
         Self {
             max_queue_delay_us: default_delay_us(),
+            preferred_batch_sizes: Vec::new(),
             max_queue_size: default_queue_size(),
             instance_count: default_instances(),
             intra_threads: 0,
+            default_timeout_ms: None,
+            priority_levels: 1,
+            default_priority_level: 1,
+            priority_aging_ms: default_aging_ms(),
+            target_p99_ms: None,
         }
     }
 }
 
-impl BatchingConfig {
-    pub fn max_queue_delay(&self) -> Duration {
-        Duration::from_micros(self.max_queue_delay_us)
+impl ModelConfig {
+    /// The batcher's view of this model.
+    pub fn batcher_config(&self) -> BatcherConfig {
+        let b = &self.batching;
+        BatcherConfig {
+            max_batch_size: self.max_batch_size,
+            max_queue_delay: Duration::from_micros(b.max_queue_delay_us),
+            preferred_batch_sizes: b.preferred_batch_sizes.clone(),
+            max_queue_size: b.max_queue_size,
+            instance_count: b.instance_count,
+            default_timeout: b.default_timeout_ms.map(Duration::from_millis),
+            priority_levels: b.priority_levels,
+            default_priority: b.default_priority_level,
+            priority_aging: Duration::from_millis(b.priority_aging_ms),
+            target_p99: b.target_p99_ms.map(|ms| Duration::from_secs_f64(ms / 1e3)),
+        }
     }
 }
 
@@ -168,8 +212,27 @@ impl ModelConfig {
         if self.batching.instance_count == 0 || self.batching.instance_count > 64 {
             return Err("batching.instance_count: must be between 1 and 64".into());
         }
-        if self.batching.max_queue_delay_us > 10_000_000 {
+        let b = &self.batching;
+        if b.max_queue_delay_us > 10_000_000 {
             return Err("batching.max_queue_delay_us: must be at most 10 s".into());
+        }
+        if let Some(p) = b.preferred_batch_sizes.iter().find(|&&p| p == 0 || p > self.max_batch_size) {
+            return Err(format!("batching.preferred_batch_sizes: {p} must be between 1 and max_batch_size"));
+        }
+        if b.priority_levels == 0 || b.priority_levels > 16 {
+            return Err("batching.priority_levels: must be between 1 and 16".into());
+        }
+        if !(1..=b.priority_levels).contains(&b.default_priority_level) {
+            return Err("batching.default_priority_level: must be between 1 and priority_levels".into());
+        }
+        if b.priority_aging_ms == 0 {
+            return Err("batching.priority_aging_ms: must be at least 1".into());
+        }
+        if b.default_timeout_ms == Some(0) {
+            return Err("batching.default_timeout_ms: must be at least 1 (omit it for no deadline)".into());
+        }
+        if b.target_p99_ms.is_some_and(|t| !(t.is_finite() && t > 0.0 && t <= 600_000.0)) {
+            return Err("batching.target_p99_ms: must be a positive number of milliseconds".into());
         }
         let [h, w] = self.input.crop;
         if h == 0 || w == 0 || h > 8192 || w > 8192 {
@@ -230,6 +293,10 @@ mod tests {
             (GOOD.replace("max_batch_size = 4", "max_batch_size = 4\nmax_batch = 3"), "max_batch"),
             (GOOD.replace("crop = [2, 3]", "crop = [2, 3]\nscale = [1.0, 1.0, 1.0]"), "not both"),
             (GOOD.replace("name = \"x\"", "name = 5"), "name"),
+            (format!("{GOOD}\n[batching]\npreferred_batch_sizes = [5]"), "batching.preferred_batch_sizes"),
+            (format!("{GOOD}\n[batching]\npriority_levels = 2\ndefault_priority_level = 3"), "default_priority_level"),
+            (format!("{GOOD}\n[batching]\ntarget_p99_ms = -1.0"), "batching.target_p99_ms"),
+            (format!("{GOOD}\n[batching]\ndefault_timeout_ms = 0"), "batching.default_timeout_ms"),
         ];
         for (text, field) in cases {
             match parse(&text) {

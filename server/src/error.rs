@@ -17,6 +17,8 @@ pub enum ErrorKind {
     TooManyFiles,
     PayloadTooLarge,
     ModelNotFound,
+    InvalidParameter,
+    Timeout,
     Overloaded,
     Unavailable,
     Internal,
@@ -28,9 +30,12 @@ impl ErrorKind {
             Self::NotFound | Self::ModelNotFound => StatusCode::NOT_FOUND,
             Self::MethodNotAllowed => StatusCode::METHOD_NOT_ALLOWED,
             Self::UnsupportedMediaType => StatusCode::UNSUPPORTED_MEDIA_TYPE,
-            Self::InvalidMultipart | Self::MissingField | Self::EmptyFile | Self::TooManyFiles => {
-                StatusCode::BAD_REQUEST
-            }
+            Self::InvalidMultipart
+            | Self::MissingField
+            | Self::EmptyFile
+            | Self::TooManyFiles
+            | Self::InvalidParameter => StatusCode::BAD_REQUEST,
+            Self::Timeout => StatusCode::GATEWAY_TIMEOUT,
             Self::InvalidImage => StatusCode::UNPROCESSABLE_ENTITY,
             Self::PayloadTooLarge => StatusCode::PAYLOAD_TOO_LARGE,
             Self::Overloaded => StatusCode::TOO_MANY_REQUESTS,
@@ -51,6 +56,8 @@ impl ErrorKind {
             Self::TooManyFiles => "too_many_files",
             Self::PayloadTooLarge => "payload_too_large",
             Self::ModelNotFound => "model_not_found",
+            Self::InvalidParameter => "invalid_parameter",
+            Self::Timeout => "timeout",
             Self::Overloaded => "overloaded",
             Self::Unavailable => "unavailable",
             Self::Internal => "internal",
@@ -89,8 +96,14 @@ impl From<BatchError> for ApiError {
         match e {
             BatchError::QueueFull(_) => Self::new(ErrorKind::Overloaded, "the model's queue is full; retry later"),
             BatchError::ShuttingDown => Self::new(ErrorKind::Unavailable, "the server is shutting down"),
-            BatchError::BadItemCount { items, max } => {
-                Self::new(ErrorKind::TooManyFiles, format!("{items} items in one request; at most {max}"))
+            BatchError::BadItemCount { items, .. } => {
+                Self::new(ErrorKind::TooManyFiles, format!("{items} items cannot be batched by this model"))
+            }
+            BatchError::BadPriority { given, levels } => {
+                Self::new(ErrorKind::InvalidParameter, format!("priority {given} is outside 1..={levels}"))
+            }
+            BatchError::Timeout => {
+                Self::new(ErrorKind::Timeout, "the request's timeout passed before it could be executed")
             }
             other => Self::internal(other),
         }
@@ -114,6 +127,8 @@ mod tests {
             ErrorKind::TooManyFiles,
             ErrorKind::PayloadTooLarge,
             ErrorKind::ModelNotFound,
+            ErrorKind::InvalidParameter,
+            ErrorKind::Timeout,
             ErrorKind::Overloaded,
             ErrorKind::Unavailable,
             ErrorKind::Internal,

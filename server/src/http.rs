@@ -5,16 +5,18 @@ use std::convert::Infallible;
 use std::sync::Arc;
 
 use bytes::Bytes;
-use futures_util::future::try_join_all;
+use std::time::Duration;
+
 use http::header::{CONTENT_LENGTH, CONTENT_TYPE, RETRY_AFTER};
 use http::{HeaderValue, Method, Request, Response, StatusCode};
 use http_body_util::{BodyExt, Full, LengthLimitError, Limited};
 use hyper::body::Incoming;
+use kiln_batcher::InferOptions;
 use serde::Serialize;
 
 use crate::AppState;
 use crate::error::{ApiError, ErrorBody, ErrorKind};
-use crate::model::{Model, Prediction};
+use crate::model::{Model, ModelInput, Prediction};
 use crate::preprocess::{self, ImageError};
 
 pub type HttpResponse = Response<Full<Bytes>>;
@@ -149,30 +151,46 @@ async fn read_files(state: &AppState, req: Request<Incoming>, arity: Arity) -> R
     Ok(files)
 }
 
-/// Decodes and preprocesses `files` on the blocking pool, one input tensor per chunk of
-/// at most `max_batch_size` images, each written straight into its own buffer.
-async fn prepare(model: &Arc<Model>, files: Vec<Bytes>) -> Result<Vec<crate::model::ModelInput>, ApiError> {
+/// Decodes and preprocesses `files` on the blocking pool, each image written straight
+/// into its slot of the request's input tensor.
+async fn prepare(model: &Arc<Model>, files: Vec<Bytes>) -> Result<ModelInput, ApiError> {
     let model = Arc::clone(model);
     tokio::task::spawn_blocking(move || {
         let item = model.preprocess.item_len();
-        let chunk = model.config.max_batch_size;
         let multiple = files.len() > 1;
-        files
-            .chunks(chunk)
-            .enumerate()
-            .map(|(c, part)| {
-                let mut data = vec![0.0f32; part.len() * item];
-                for (i, (bytes, out)) in part.iter().zip(data.chunks_exact_mut(item)).enumerate() {
-                    let image =
-                        preprocess::decode(bytes).map_err(|e| image_error(e, multiple.then_some(c * chunk + i)))?;
-                    model.preprocess.run(&image, out);
-                }
-                model.image_input(part.len(), data).map_err(ApiError::internal)
-            })
-            .collect()
+        let mut data = vec![0.0f32; files.len() * item];
+        for (i, (bytes, out)) in files.iter().zip(data.chunks_exact_mut(item)).enumerate() {
+            let image = preprocess::decode(bytes).map_err(|e| image_error(e, multiple.then_some(i)))?;
+            model.preprocess.run(&image, out);
+        }
+        model.image_input(files.len(), data).map_err(ApiError::internal)
     })
     .await
     .map_err(ApiError::internal)?
+}
+
+/// Scheduling options from the query string: `priority=N`, `timeout_ms=N`.
+fn infer_options(query: Option<&str>) -> Result<InferOptions, ApiError> {
+    let mut options = InferOptions::default();
+    for (key, value) in form_urlencoded::parse(query.unwrap_or_default().as_bytes()) {
+        let number = |name: &str| {
+            value.parse::<u64>().map_err(|_| {
+                ApiError::new(ErrorKind::InvalidParameter, format!("{name} must be a non-negative integer"))
+            })
+        };
+        match key.as_ref() {
+            "priority" => {
+                let p = number("priority")?;
+                options.priority = Some(u32::try_from(p).unwrap_or(u32::MAX));
+            }
+            "timeout_ms" => match number("timeout_ms")? {
+                0 => return Err(ApiError::new(ErrorKind::InvalidParameter, "timeout_ms must be at least 1")),
+                ms => options.timeout = Some(Duration::from_millis(ms)),
+            },
+            _ => {}
+        }
+    }
+    Ok(options)
 }
 
 fn image_error(e: ImageError, index: Option<usize>) -> ApiError {
@@ -185,13 +203,12 @@ fn image_error(e: ImageError, index: Option<usize>) -> ApiError {
 
 async fn predict(state: &AppState, req: Request<Incoming>, arity: Arity) -> Result<HttpResponse, ApiError> {
     let model = select_model(state, req.uri().query())?;
+    let options = infer_options(req.uri().query())?;
     let files = read_files(state, req, arity).await?;
-    let inputs = prepare(model, files).await?;
-    let outputs = try_join_all(inputs.into_iter().map(|input| model.batcher.infer(input))).await?;
-    let mut predictions: Vec<Prediction> = Vec::new();
-    for out in &outputs {
-        predictions.extend(model.postprocess(out).map_err(ApiError::internal)?);
-    }
+    let input = prepare(model, files).await?;
+    // Requests larger than max_batch_size are split across batches by the batcher.
+    let outputs = model.batcher.infer_with(input, options).await?;
+    let predictions = model.postprocess(&outputs).map_err(ApiError::internal)?;
     let version = model.version.to_string();
     match arity {
         Arity::One => {

@@ -4,7 +4,7 @@
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
-use kiln_batcher::{Batcher, BatcherConfig, Executor, ExecutorError, Payload};
+use kiln_batcher::{Batcher, Executor, ExecutorError, Payload};
 use kiln_engine::{Backend, DType, Dim, ModelMetadata, OrtBackend, OrtOptions, OrtRuntime, Tensor, TensorData};
 use serde::Serialize;
 
@@ -19,6 +19,17 @@ pub struct ModelInput(pub Vec<Tensor>);
 impl Payload for ModelInput {
     fn items(&self) -> usize {
         self.0.first().map_or(0, Tensor::batch)
+    }
+
+    fn split(self, sizes: &[usize]) -> Result<Vec<Self>, ExecutorError> {
+        let mut parts: Vec<ModelInput> = sizes.iter().map(|_| ModelInput(Vec::with_capacity(self.0.len()))).collect();
+        for tensor in &self.0 {
+            let pieces = tensor.split_batch(sizes).map_err(|e| ExecutorError(e.to_string()))?;
+            for (part, piece) in parts.iter_mut().zip(pieces) {
+                part.0.push(piece);
+            }
+        }
+        Ok(parts)
     }
 }
 
@@ -57,6 +68,16 @@ impl Executor for ModelExecutor {
             }
         }
         Ok(per_request)
+    }
+
+    fn join(parts: Vec<Vec<Tensor>>) -> Result<Vec<Tensor>, ExecutorError> {
+        let outputs = parts.first().map_or(0, Vec::len);
+        (0..outputs)
+            .map(|i| {
+                let pieces: Vec<&Tensor> = parts.iter().filter_map(|p| p.get(i)).collect();
+                Tensor::concat_batch(&pieces).map_err(|e| ExecutorError(e.to_string()))
+            })
+            .collect()
     }
 }
 
@@ -123,13 +144,7 @@ impl Model {
             };
             Ok(ModelExecutor { backend: Box::new(backend) })
         };
-        let batcher_config = BatcherConfig {
-            max_batch_size: config.max_batch_size,
-            max_queue_delay: config.batching.max_queue_delay(),
-            max_queue_size: config.batching.max_queue_size,
-            instance_count: config.batching.instance_count,
-        };
-        let batcher = Batcher::spawn(batcher_config, factory)
+        let batcher = Batcher::spawn(config.batcher_config(), factory)
             .map_err(|e| ServerError::ModelStart { name: config.name.clone(), reason: e.to_string() })?;
         tracing::info!(model = %config.name, version, backend = "onnxruntime-cpu", "model loaded");
         Ok(Arc::new(Self {

@@ -93,3 +93,39 @@ pub fn clients() -> anyhow::Result<[(&'static str, reqwest::Client); 2]> {
     let h2 = reqwest::Client::builder().http2_prior_knowledge().build()?;
     Ok([("http/1.1", h1), ("h2c", h2)])
 }
+
+/// A throwaway model repository holding the default model with an edited
+/// `config.toml`; the model and labels are symlinked, not copied. Removed on drop.
+#[derive(Debug)]
+pub struct ScratchRepository {
+    pub path: PathBuf,
+}
+
+impl ScratchRepository {
+    pub fn with_config(tag: &str, edit: impl Fn(&str) -> String) -> anyhow::Result<Self> {
+        let source = std::fs::canonicalize(model_repository()?.join("efficientnet_lite0"))?;
+        let path = std::env::temp_dir().join(format!("kiln-test-{}-{tag}", std::process::id()));
+        let dir = path.join("efficientnet_lite0");
+        std::fs::create_dir_all(&dir)?;
+        let config = std::fs::read_to_string(source.join("config.toml"))?;
+        std::fs::write(dir.join("config.toml"), edit(&config))?;
+        for entry in ["1", "labels.txt"] {
+            let link = dir.join(entry);
+            if std::fs::symlink_metadata(&link).is_err() {
+                std::os::unix::fs::symlink(source.join(entry), &link)?;
+            }
+        }
+        Ok(Self { path })
+    }
+
+    pub fn config(&self) -> anyhow::Result<ServerConfig> {
+        let addr: SocketAddr = "127.0.0.1:0".parse()?;
+        Ok(ServerConfig::new(addr, &self.path, ort_library()?))
+    }
+}
+
+impl Drop for ScratchRepository {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.path);
+    }
+}

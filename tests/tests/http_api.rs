@@ -178,6 +178,9 @@ async fn model_query_parameter_selects_or_rejects() -> anyhow::Result<()> {
         predict_one(&client, &url, CHINA, &format!("{proto} ?model={MODEL}")).await?;
         let url = server.url(&format!("/predict?other=1&model={MODEL}"));
         predict_one(&client, &url, FLOWER, &format!("{proto} ?other=1&model={MODEL}")).await?;
+        // Scheduling options within range are accepted.
+        let url = server.url(&format!("/predict?model={MODEL}&priority=1&timeout_ms=60000"));
+        predict_one(&client, &url, FLOWER, &format!("{proto} priority and timeout")).await?;
         // Query values are URL-decoded: %5F is '_'.
         let encoded = MODEL.replace('_', "%5F");
         let url = server.url(&format!("/predict?model={encoded}"));
@@ -440,6 +443,30 @@ async fn invalid_requests_get_json_errors_and_the_server_stays_healthy() -> anyh
             Body::Multipart(vec![("files", flower.clone()), ("files", text), ("files", flower.clone())]),
             422,
             "invalid_image",
+        ),
+        Case::new(
+            "priority outside the model's levels",
+            post.clone(),
+            "/predict?priority=9",
+            Body::Multipart(vec![("file", flower.clone())]),
+            400,
+            "invalid_parameter",
+        ),
+        Case::new(
+            "timeout that is not a number",
+            post.clone(),
+            "/predict?timeout_ms=soon",
+            Body::Multipart(vec![("file", flower.clone())]),
+            400,
+            "invalid_parameter",
+        ),
+        Case::new(
+            "zero timeout",
+            post.clone(),
+            "/predict/batch?timeout_ms=0",
+            Body::Multipart(vec![("files", flower.clone())]),
+            400,
+            "invalid_parameter",
         ),
         Case::new("unknown path", Method::GET, "/nope", Body::None, 404, "not_found"),
         Case::new(
