@@ -20,10 +20,23 @@ impl<E: Executor> Pending<E> {
         Self { levels: (0..levels.max(1)).map(|_| VecDeque::new()).collect(), aging, items: 0 }
     }
 
+    fn level_of(&self, job: &Job<E>) -> usize {
+        (job.priority.max(1) as usize - 1).min(self.levels.len() - 1)
+    }
+
     pub(crate) fn push(&mut self, job: Job<E>) {
-        let level = (job.priority.max(1) as usize - 1).min(self.levels.len() - 1);
+        let level = self.level_of(&job);
         self.items += job.items;
         self.levels[level].push_back(job);
+    }
+
+    /// Puts back jobs returned by [`Pending::take`], restoring the previous order.
+    pub(crate) fn restore(&mut self, jobs: Vec<Job<E>>) {
+        for job in jobs.into_iter().rev() {
+            let level = self.level_of(&job);
+            self.items += job.items;
+            self.levels[level].push_front(job);
+        }
     }
 
     pub(crate) fn is_empty(&self) -> bool {

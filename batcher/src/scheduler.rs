@@ -124,13 +124,27 @@ impl<E: Executor> Scheduler<E> {
         }
     }
 
-    /// The largest preferred size the queue has reached, or the full size.
-    fn dispatch_limit(&self, due: bool) -> Option<usize> {
+    /// How many items to dispatch now, or `None` to keep waiting. Early dispatch at a
+    /// preferred size happens only when the requests next in line make up exactly that
+    /// size (a trial take, put back), so a batch is never sealed at an arbitrary size.
+    fn dispatch_limit(&mut self, due: bool) -> Option<usize> {
         let items = self.pending.items();
         if items >= self.max || due || self.closed {
             return Some(self.max);
         }
-        self.preferred.iter().rev().find(|&&p| p <= items).copied()
+        let now = Instant::now();
+        for i in (0..self.preferred.len()).rev() {
+            let p = self.preferred[i];
+            if p > items {
+                continue;
+            }
+            let (jobs, got) = self.pending.take(p, now);
+            self.pending.restore(jobs);
+            if got == p {
+                return Some(p);
+            }
+        }
+        None
     }
 
     fn run(mut self) {
@@ -159,6 +173,10 @@ impl<E: Executor> Scheduler<E> {
             }
             if !self.wait_for_executor() {
                 return self.fail_all(Vec::new());
+            }
+            // Requests that arrived while we waited compete by priority too.
+            while let Ok(job) = self.submit.try_recv() {
+                self.pending.push(job);
             }
             let limit = self.dispatch_limit(Instant::now() >= due_at).unwrap_or(self.max);
             let (jobs, _) = self.pending.take(limit, Instant::now());
