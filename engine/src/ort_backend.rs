@@ -10,7 +10,6 @@ use ort::session::builder::GraphOptimizationLevel;
 use ort::session::{Session, SessionInputValue};
 use ort::value::{DynValue, TensorElementType, TensorRef, ValueType};
 
-use crate::tensor::with_data;
 use crate::{Backend, DType, Dim, EngineError, ModelMetadata, Tensor, TensorData, TensorSpec};
 
 /// A process-wide ONNX Runtime environment. ONNX Runtime allows one environment per
@@ -100,17 +99,44 @@ fn dtype_from_ort(ty: TensorElementType) -> Option<DType> {
         TensorElementType::Int16 => DType::I16,
         TensorElementType::Int32 => DType::I32,
         TensorElementType::Int64 => DType::I64,
+        TensorElementType::Float16 => DType::F16,
         TensorElementType::Float32 => DType::F32,
         TensorElementType::Float64 => DType::F64,
+        TensorElementType::String => DType::Bytes,
         _ => return None,
     })
 }
 
-fn input_value<'a>(tensor: &'a Tensor) -> Result<SessionInputValue<'a>, EngineError> {
+fn view<T: ort::value::PrimitiveTensorElementType + Clone + std::fmt::Debug + 'static>(
+    shape: Vec<i64>,
+    data: &[T],
+) -> Result<SessionInputValue<'_>, EngineError> {
+    TensorRef::from_array_view((shape, data)).map(SessionInputValue::from).map_err(EngineError::inference)
+}
+
+fn input_value<'a>(tensor: &'a Tensor, name: &str) -> Result<SessionInputValue<'a>, EngineError> {
     let shape: Vec<i64> = tensor.shape().iter().map(|&d| i64::try_from(d).unwrap_or(i64::MAX)).collect();
-    with_data!(tensor.data(), v => TensorRef::from_array_view((shape, v.as_slice()))
-        .map(SessionInputValue::from)
-        .map_err(EngineError::inference))
+    match tensor.data() {
+        // ONNX strings are UTF-8; the owned copy is unavoidable for string tensors.
+        TensorData::Bytes(items) => {
+            let strings =
+                items.iter().map(|b| String::from_utf8(b.clone())).collect::<Result<Vec<_>, _>>().map_err(|_| {
+                    EngineError::InvalidInput { name: name.into(), reason: "BYTES element is not UTF-8".into() }
+                })?;
+            ort::value::Tensor::from_string_array((shape, strings.as_slice()))
+                .map(SessionInputValue::from)
+                .map_err(EngineError::inference)
+        }
+        TensorData::Bool(v) => view(shape, v),
+        TensorData::U8(v) => view(shape, v),
+        TensorData::I8(v) => view(shape, v),
+        TensorData::I16(v) => view(shape, v),
+        TensorData::I32(v) => view(shape, v),
+        TensorData::I64(v) => view(shape, v),
+        TensorData::F16(v) => view(shape, v),
+        TensorData::F32(v) => view(shape, v),
+        TensorData::F64(v) => view(shape, v),
+    }
 }
 
 fn output_tensor(value: &DynValue, spec: &TensorSpec) -> Result<Tensor, EngineError> {
@@ -128,6 +154,12 @@ fn output_tensor(value: &DynValue, spec: &TensorSpec) -> Result<Tensor, EngineEr
         DType::I16 => extract::<i16>(value).map(|(s, d)| (s, TensorData::I16(d)))?,
         DType::I32 => extract::<i32>(value).map(|(s, d)| (s, TensorData::I32(d)))?,
         DType::I64 => extract::<i64>(value).map(|(s, d)| (s, TensorData::I64(d)))?,
+        DType::F16 => extract::<half::f16>(value).map(|(s, d)| (s, TensorData::F16(d)))?,
+        DType::Bytes => {
+            let (shape, strings) = value.try_extract_strings().map_err(EngineError::inference)?;
+            let shape = shape.iter().map(|&d| usize::try_from(d).unwrap_or(0)).collect();
+            (shape, TensorData::Bytes(strings.into_iter().map(String::into_bytes).collect()))
+        }
         DType::F32 => extract::<f32>(value).map(|(s, d)| (s, TensorData::F32(d)))?,
         DType::F64 => extract::<f64>(value).map(|(s, d)| (s, TensorData::F64(d)))?,
     };
@@ -154,7 +186,7 @@ impl Backend for OrtBackend {
                 return Err(EngineError::DTypeMismatch { expected: spec.dtype, got: tensor.dtype() });
             }
             check_shape(tensor, spec)?;
-            feed.push((Cow::Borrowed(spec.name.as_str()), input_value(tensor)?));
+            feed.push((Cow::Borrowed(spec.name.as_str()), input_value(tensor, &spec.name)?));
         }
         let outputs = self.session.run(feed).map_err(EngineError::inference)?;
         self.metadata

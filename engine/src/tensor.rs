@@ -1,5 +1,7 @@
 use std::fmt;
 
+pub use half::f16;
+
 use crate::EngineError;
 
 /// Element types a kiln tensor can hold. Later backends (CUDA, TensorRT) add
@@ -12,18 +14,40 @@ pub enum DType {
     I16,
     I32,
     I64,
+    F16,
     F32,
     F64,
+    /// Variable-length byte strings (KServe `BYTES`, ONNX `string`).
+    Bytes,
 }
 
 impl DType {
-    pub fn size_of(self) -> usize {
+    /// Bytes per element; `None` for variable-length `Bytes`.
+    pub fn size_of(self) -> Option<usize> {
         match self {
-            Self::Bool | Self::U8 | Self::I8 => 1,
-            Self::I16 => 2,
-            Self::I32 | Self::F32 => 4,
-            Self::I64 | Self::F64 => 8,
+            Self::Bool | Self::U8 | Self::I8 => Some(1),
+            Self::I16 | Self::F16 => Some(2),
+            Self::I32 | Self::F32 => Some(4),
+            Self::I64 | Self::F64 => Some(8),
+            Self::Bytes => None,
         }
+    }
+
+    /// Parses a KServe v2 datatype name.
+    pub fn from_name(name: &str) -> Option<Self> {
+        Some(match name {
+            "BOOL" => Self::Bool,
+            "UINT8" => Self::U8,
+            "INT8" => Self::I8,
+            "INT16" => Self::I16,
+            "INT32" => Self::I32,
+            "INT64" => Self::I64,
+            "FP16" => Self::F16,
+            "FP32" => Self::F32,
+            "FP64" => Self::F64,
+            "BYTES" => Self::Bytes,
+            _ => return None,
+        })
     }
 
     /// The name used by the KServe v2 protocol and in model configs.
@@ -35,8 +59,10 @@ impl DType {
             Self::I16 => "INT16",
             Self::I32 => "INT32",
             Self::I64 => "INT64",
+            Self::F16 => "FP16",
             Self::F32 => "FP32",
             Self::F64 => "FP64",
+            Self::Bytes => "BYTES",
         }
     }
 }
@@ -56,8 +82,10 @@ pub enum TensorData {
     I16(Vec<i16>),
     I32(Vec<i32>),
     I64(Vec<i64>),
+    F16(Vec<f16>),
     F32(Vec<f32>),
     F64(Vec<f64>),
+    Bytes(Vec<Vec<u8>>),
 }
 
 /// Runs `$body` with `$v` bound to the inner `Vec` of whichever variant `$data` is.
@@ -70,12 +98,13 @@ macro_rules! with_data {
             TensorData::I16($v) => $body,
             TensorData::I32($v) => $body,
             TensorData::I64($v) => $body,
+            TensorData::F16($v) => $body,
             TensorData::F32($v) => $body,
             TensorData::F64($v) => $body,
+            TensorData::Bytes($v) => $body,
         }
     };
 }
-pub(crate) use with_data;
 
 /// Same as [`with_data!`] but rebuilds the same variant from the expression's `Vec`.
 macro_rules! map_data {
@@ -87,8 +116,10 @@ macro_rules! map_data {
             TensorData::I16($v) => TensorData::I16($body),
             TensorData::I32($v) => TensorData::I32($body),
             TensorData::I64($v) => TensorData::I64($body),
+            TensorData::F16($v) => TensorData::F16($body),
             TensorData::F32($v) => TensorData::F32($body),
             TensorData::F64($v) => TensorData::F64($body),
+            TensorData::Bytes($v) => TensorData::Bytes($body),
         }
     };
 }
@@ -102,8 +133,10 @@ impl TensorData {
             Self::I16(_) => DType::I16,
             Self::I32(_) => DType::I32,
             Self::I64(_) => DType::I64,
+            Self::F16(_) => DType::F16,
             Self::F32(_) => DType::F32,
             Self::F64(_) => DType::F64,
+            Self::Bytes(_) => DType::Bytes,
         }
     }
 
@@ -123,8 +156,10 @@ impl TensorData {
             DType::I16 => Self::I16(Vec::with_capacity(n)),
             DType::I32 => Self::I32(Vec::with_capacity(n)),
             DType::I64 => Self::I64(Vec::with_capacity(n)),
+            DType::F16 => Self::F16(Vec::with_capacity(n)),
             DType::F32 => Self::F32(Vec::with_capacity(n)),
             DType::F64 => Self::F64(Vec::with_capacity(n)),
+            DType::Bytes => Self::Bytes(Vec::with_capacity(n)),
         }
     }
 
@@ -138,8 +173,10 @@ impl TensorData {
             (Self::I16(a), Self::I16(b)) => a.extend_from_slice(b),
             (Self::I32(a), Self::I32(b)) => a.extend_from_slice(b),
             (Self::I64(a), Self::I64(b)) => a.extend_from_slice(b),
+            (Self::F16(a), Self::F16(b)) => a.extend_from_slice(b),
             (Self::F32(a), Self::F32(b)) => a.extend_from_slice(b),
             (Self::F64(a), Self::F64(b)) => a.extend_from_slice(b),
+            (Self::Bytes(a), Self::Bytes(b)) => a.extend_from_slice(b),
             _ => return Err(EngineError::DTypeMismatch { expected, got }),
         }
         Ok(())
@@ -272,6 +309,22 @@ mod tests {
         assert!(Tensor::concat_batch(&[&a, &b]).is_err());
         assert!(matches!(Tensor::concat_batch(&[&a, &c]), Err(EngineError::DTypeMismatch { .. })));
         assert!(Tensor::concat_batch(&[]).is_err());
+        Ok(())
+    }
+
+    #[test]
+    fn fp16_and_bytes_concat_and_split() -> Result<(), EngineError> {
+        let a = Tensor::new(vec![1], TensorData::F16(vec![f16::from_f32(1.5)]))?;
+        let b = Tensor::new(vec![1], TensorData::F16(vec![f16::from_f32(-2.0)]))?;
+        let ab = Tensor::concat_batch(&[&a, &b])?;
+        assert_eq!(ab.data(), &TensorData::F16(vec![f16::from_f32(1.5), f16::from_f32(-2.0)]));
+        let s = Tensor::new(vec![3], TensorData::Bytes(vec![b"x".to_vec(), vec![], b"yz".to_vec()]))?;
+        let parts = s.split_batch(&[2, 1])?;
+        assert_eq!(parts[1].data(), &TensorData::Bytes(vec![b"yz".to_vec()]));
+        assert_eq!(DType::from_name("FP16"), Some(DType::F16));
+        assert_eq!(DType::from_name(DType::Bytes.name()), Some(DType::Bytes));
+        assert_eq!(DType::Bytes.size_of(), None);
+        assert_eq!(DType::from_name("FP8"), None);
         Ok(())
     }
 
