@@ -31,9 +31,10 @@ lint:
 fmt:
 	$(CARGO) fmt --all
 
-## bench: engine and end-to-end HTTP throughput/latency; writes out/bench-e2e.json
+## bench: engine, end-to-end HTTP and batcher benchmarks; writes out/bench-*.json
 bench: setup
 	$(CARGO) run --release -p kiln-bench --bin kiln-e2e-bench -- --out out/bench-e2e.json
+	$(CARGO) run --release -p kiln-bench --bin kiln-batcher-bench -- --out out/bench-batcher.json
 
 clean:
 	rm -rf target .kiln models/*/[0-9]*/ models/*/labels.txt
