@@ -18,8 +18,10 @@ pub struct ModelConfig {
     pub max_batch_size: usize,
     #[serde(default)]
     pub batching: BatchingConfig,
-    pub input: InputConfig,
-    pub output: OutputConfig,
+    /// Image input: how `/predict` turns an upload into the model's input tensor.
+    pub input: Option<InputConfig>,
+    /// Classification output for `/predict`. Both tables or neither.
+    pub output: Option<OutputConfig>,
 }
 
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
@@ -234,18 +236,25 @@ impl ModelConfig {
         if b.target_p99_ms.is_some_and(|t| !(t.is_finite() && t > 0.0 && t <= 600_000.0)) {
             return Err("batching.target_p99_ms: must be a positive number of milliseconds".into());
         }
-        let [h, w] = self.input.crop;
-        if h == 0 || w == 0 || h > 8192 || w > 8192 {
-            return Err(format!("input.crop: [{h}, {w}] must be between 1 and 8192"));
+        match (&self.input, &self.output) {
+            (Some(input), Some(output)) => {
+                let [h, w] = input.crop;
+                if h == 0 || w == 0 || h > 8192 || w > 8192 {
+                    return Err(format!("input.crop: [{h}, {w}] must be between 1 and 8192"));
+                }
+                if matches!(input.resize_shorter, Some(0) | Some(8193..)) {
+                    return Err("input.resize_shorter: must be between 1 and 8192".into());
+                }
+                input.scale_offset()?;
+                if output.top_k == 0 {
+                    return Err("output.top_k: must be at least 1".into());
+                }
+                Ok(())
+            }
+            (None, None) => Ok(()),
+            (Some(_), None) => Err("output: an image [input] needs an [output] table for /predict".into()),
+            (None, Some(_)) => Err("input: an [output] table needs an image [input] table".into()),
         }
-        if matches!(self.input.resize_shorter, Some(0) | Some(8193..)) {
-            return Err("input.resize_shorter: must be between 1 and 8192".into());
-        }
-        self.input.scale_offset()?;
-        if self.output.top_k == 0 {
-            return Err("output.top_k: must be at least 1".into());
-        }
-        Ok(())
     }
 }
 
@@ -275,10 +284,17 @@ mod tests {
     fn defaults_and_normalisation() -> Result<(), String> {
         let c = parse(GOOD)?;
         assert_eq!(c.batching.max_queue_delay_us, 2000);
-        assert_eq!(c.output.top_k, 5);
-        let (scale, offset) = c.input.scale_offset()?;
+        assert_eq!(c.output.as_ref().map(|o| o.top_k), Some(5));
+        let (scale, offset) = c.input.as_ref().ok_or("no input")?.scale_offset()?;
         assert_eq!(scale, [0.5; 3]);
         assert_eq!(offset, [-0.5, -1.0, -1.5]);
+        Ok(())
+    }
+
+    #[test]
+    fn tensor_only_models_need_no_image_tables() -> Result<(), String> {
+        let c = parse("name = \"t\"\nmax_batch_size = 4")?;
+        assert!(c.input.is_none() && c.output.is_none());
         Ok(())
     }
 
@@ -290,6 +306,7 @@ mod tests {
             (GOOD.replace("name = \"m\"", "name = \"../x\""), "name"),
             (GOOD.replace("std = [2.0, 2.0, 2.0]", "std = [0.0, 2.0, 2.0]"), "input.std"),
             (GOOD.replace("[output]", "[output]\ntop_k = 0"), "output.top_k"),
+            (GOOD.replace("[output]\n        name = \"y\"", ""), "output"),
             (GOOD.replace("max_batch_size = 4", "max_batch_size = 4\nmax_batch = 3"), "max_batch"),
             (GOOD.replace("crop = [2, 3]", "crop = [2, 3]\nscale = [1.0, 1.0, 1.0]"), "not both"),
             (GOOD.replace("name = \"x\"", "name = 5"), "name"),

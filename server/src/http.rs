@@ -15,8 +15,9 @@ use kiln_batcher::InferOptions;
 use serde::Serialize;
 
 use crate::AppState;
+use crate::classify::{Classifier, Prediction};
 use crate::error::{ApiError, ErrorBody, ErrorKind};
-use crate::model::{Model, ModelInput, Prediction};
+use crate::model::{Model, ModelInput};
 use crate::preprocess::{self, ImageError};
 
 pub type HttpResponse = Response<Full<Bytes>>;
@@ -156,17 +157,24 @@ async fn read_files(state: &AppState, req: Request<Incoming>, arity: Arity) -> R
 async fn prepare(model: &Arc<Model>, files: Vec<Bytes>) -> Result<ModelInput, ApiError> {
     let model = Arc::clone(model);
     tokio::task::spawn_blocking(move || {
-        let item = model.preprocess.item_len();
+        let classifier = classifier(&model)?;
+        let item = classifier.preprocess.item_len();
         let multiple = files.len() > 1;
         let mut data = vec![0.0f32; files.len() * item];
         for (i, (bytes, out)) in files.iter().zip(data.chunks_exact_mut(item)).enumerate() {
             let image = preprocess::decode(bytes).map_err(|e| image_error(e, multiple.then_some(i)))?;
-            model.preprocess.run(&image, out);
+            classifier.preprocess.run(&image, out);
         }
-        model.image_input(files.len(), data).map_err(ApiError::internal)
+        classifier.image_input(files.len(), data).map_err(ApiError::internal)
     })
     .await
     .map_err(ApiError::internal)?
+}
+
+fn classifier(model: &Model) -> Result<&Classifier, ApiError> {
+    model.classifier.as_ref().ok_or_else(|| {
+        ApiError::new(ErrorKind::InvalidParameter, "this model takes tensors, not images: use /v2/models/{name}/infer")
+    })
 }
 
 /// Scheduling options from the query string: `priority=N`, `timeout_ms=N`.
@@ -203,12 +211,13 @@ fn image_error(e: ImageError, index: Option<usize>) -> ApiError {
 
 async fn predict(state: &AppState, req: Request<Incoming>, arity: Arity) -> Result<HttpResponse, ApiError> {
     let model = select_model(state, req.uri().query())?;
+    classifier(model)?;
     let options = infer_options(req.uri().query())?;
     let files = read_files(state, req, arity).await?;
     let input = prepare(model, files).await?;
     // Requests larger than max_batch_size are split across batches by the batcher.
     let outputs = model.batcher.infer_with(input, options).await?;
-    let predictions = model.postprocess(&outputs).map_err(ApiError::internal)?;
+    let predictions = classifier(model)?.postprocess(&outputs).map_err(ApiError::internal)?;
     let version = model.version.to_string();
     match arity {
         Arity::One => {

@@ -1,6 +1,7 @@
 //! kiln's prediction server: the model repository, HTTP/1.1 and HTTP/2 (h2c) on one
 //! port, and the glue from requests to the batcher.
 
+mod classify;
 mod config;
 mod error;
 mod http;
@@ -22,7 +23,8 @@ use tokio::net::TcpListener;
 
 pub use config::{ModelConfig, ModelConfig as Config};
 pub use error::{ApiError, ErrorKind};
-pub use model::{Model, Prediction};
+pub use classify::Prediction;
+pub use model::Model;
 
 /// Failures at start-up or while serving. Start-up errors name the file and field.
 #[derive(Debug, thiserror::Error)]

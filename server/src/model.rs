@@ -5,12 +5,11 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use kiln_batcher::{Batcher, Executor, ExecutorError, Payload};
-use kiln_engine::{Backend, DType, Dim, ModelMetadata, OrtBackend, OrtOptions, OrtRuntime, Tensor, TensorData};
-use serde::Serialize;
+use kiln_engine::{Backend, ModelMetadata, OrtBackend, OrtOptions, OrtRuntime, Tensor};
 
 use crate::ServerError;
+use crate::classify::Classifier;
 use crate::config::{BackendKind, ModelConfig};
-use crate::preprocess::Preprocess;
 
 /// One request's inputs, one tensor per model input, batch axis first.
 #[derive(Debug)]
@@ -81,30 +80,14 @@ impl Executor for ModelExecutor {
     }
 }
 
-#[derive(Debug, Clone, Serialize, PartialEq)]
-pub struct Class {
-    pub label: String,
-    pub class_id: usize,
-    pub score: f32,
-}
-
-#[derive(Debug, Clone, Serialize, PartialEq)]
-pub struct Prediction {
-    pub label: String,
-    pub class_id: usize,
-    pub score: f32,
-    pub top_k: Vec<Class>,
-}
-
 #[derive(Debug)]
 pub struct Model {
     pub name: String,
     pub version: u64,
     pub config: ModelConfig,
     pub metadata: ModelMetadata,
-    pub preprocess: Preprocess,
-    labels: Vec<String>,
-    output_index: usize,
+    /// Present when the config has `[input]`/`[output]`: `/predict` accepts images.
+    pub classifier: Option<Classifier>,
     pub batcher: Batcher<ModelExecutor>,
 }
 
@@ -120,11 +103,6 @@ impl Model {
             return Err(bad(format!("name: {:?} must match the directory name {dir_name:?}", config.name)));
         }
         let (version, model_file) = newest_version(dir)?;
-        let labels = match &config.output.labels {
-            Some(file) => read_labels(&dir.join(file)).map_err(|e| bad(format!("output.labels: {e}")))?,
-            None => Vec::new(),
-        };
-        let preprocess = Preprocess::new(&config.input).map_err(bad)?;
 
         let runtime = OrtRuntime::load(ort_library).map_err(ServerError::Engine)?;
         let options = OrtOptions { intra_threads: config.batching.intra_threads };
@@ -132,7 +110,10 @@ impl Model {
             BackendKind::Onnxruntime => OrtBackend::load(&runtime, &model_file, &options)?,
         };
         let metadata = probe.metadata().clone();
-        let output_index = check_signature(&config, &metadata, &preprocess, labels.len()).map_err(bad)?;
+        let classifier = match (&config.input, &config.output) {
+            (Some(input), Some(output)) => Some(Classifier::new(dir, input, output, &config, &metadata).map_err(bad)?),
+            _ => None,
+        };
 
         // Executor 0 reuses the probe session; the others load their own.
         let first = std::sync::Mutex::new(Some(probe));
@@ -147,106 +128,8 @@ impl Model {
         let batcher = Batcher::spawn(config.batcher_config(), factory)
             .map_err(|e| ServerError::ModelStart { name: config.name.clone(), reason: e.to_string() })?;
         tracing::info!(model = %config.name, version, backend = "onnxruntime-cpu", "model loaded");
-        Ok(Arc::new(Self {
-            name: config.name.clone(),
-            version,
-            metadata,
-            preprocess,
-            labels,
-            output_index,
-            batcher,
-            config,
-        }))
+        Ok(Arc::new(Self { name: config.name.clone(), version, metadata, classifier, batcher, config }))
     }
-
-    /// Turns one request's output tensors into one prediction per item.
-    pub fn postprocess(&self, outputs: &[Tensor]) -> Result<Vec<Prediction>, String> {
-        let out = outputs.get(self.output_index).ok_or("missing output")?;
-        let values = out.as_f32().ok_or("output is not FP32")?;
-        let items = out.batch().max(1);
-        let classes = values.len() / items;
-        if classes == 0 {
-            return Err("empty output".into());
-        }
-        Ok(values.chunks_exact(classes).map(|row| self.predict(row)).collect())
-    }
-
-    fn predict(&self, logits: &[f32]) -> Prediction {
-        let scores = if self.config.output.softmax { softmax(logits) } else { logits.to_vec() };
-        let mut order: Vec<usize> = (0..scores.len()).collect();
-        let k = self.config.output.top_k.min(order.len());
-        // Sort descending by score; NaN (never expected) sorts last instead of panicking.
-        order.sort_unstable_by(|&a, &b| scores[b].total_cmp(&scores[a]));
-        let top_k: Vec<Class> =
-            order[..k].iter().map(|&i| Class { label: self.label(i), class_id: i, score: scores[i] }).collect();
-        let best = top_k.first().cloned().unwrap_or(Class { label: String::new(), class_id: 0, score: 0.0 });
-        Prediction { label: best.label, class_id: best.class_id, score: best.score, top_k }
-    }
-
-    fn label(&self, class: usize) -> String {
-        self.labels.get(class).cloned().unwrap_or_else(|| class.to_string())
-    }
-
-    /// Builds the input tensor for `items` images already preprocessed into `data`.
-    pub fn image_input(&self, items: usize, data: Vec<f32>) -> Result<ModelInput, String> {
-        let mut shape = vec![items];
-        shape.extend(self.preprocess.item_shape());
-        Tensor::new(shape, TensorData::F32(data)).map(|t| ModelInput(vec![t])).map_err(|e| e.to_string())
-    }
-}
-
-fn softmax(logits: &[f32]) -> Vec<f32> {
-    let max = logits.iter().copied().fold(f32::NEG_INFINITY, f32::max);
-    let exps: Vec<f32> = logits.iter().map(|&x| (x - max).exp()).collect();
-    let sum: f32 = exps.iter().sum();
-    exps.into_iter().map(|e| e / sum).collect()
-}
-
-/// The model must take one FP32 image tensor shaped like the preprocessing output, and
-/// produce the configured output; returns that output's index.
-fn check_signature(
-    config: &ModelConfig,
-    meta: &ModelMetadata,
-    pre: &Preprocess,
-    labels: usize,
-) -> Result<usize, String> {
-    let [input] = meta.inputs.as_slice() else {
-        return Err(format!("the model has {} inputs; image models take exactly one", meta.inputs.len()));
-    };
-    if input.name != config.input.name {
-        return Err(format!("input.name: {:?} but the model's input is {:?}", config.input.name, input.name));
-    }
-    if input.dtype != DType::F32 {
-        return Err(format!("input: the model's input is {}, expected FP32", input.dtype));
-    }
-    let expected = pre.item_shape();
-    let fits = input.shape.len() == 4
-        && input.shape[1..].iter().zip(expected).all(|(d, e)| matches!(d, Dim::Dynamic) || *d == Dim::Fixed(e));
-    if !fits {
-        return Err(format!(
-            "input.crop/layout: the model's input shape {:?} does not take {expected:?}",
-            input.shape_i64()
-        ));
-    }
-    if input.shape[0] != Dim::Dynamic && config.max_batch_size > 1 {
-        return Err("max_batch_size: the model's batch axis is fixed; export it with a dynamic batch axis".into());
-    }
-    let index = meta
-        .outputs
-        .iter()
-        .position(|o| o.name == config.output.name)
-        .ok_or_else(|| format!("output.name: the model has no output {:?}", config.output.name))?;
-    let output = &meta.outputs[index];
-    if output.dtype != DType::F32 {
-        return Err(format!("output: the model's output is {}, expected FP32", output.dtype));
-    }
-    if let Some(Dim::Fixed(classes)) = output.shape.last()
-        && labels > 0
-        && *classes != labels
-    {
-        return Err(format!("output.labels: {labels} labels for {classes} classes"));
-    }
-    Ok(index)
 }
 
 fn newest_version(dir: &Path) -> Result<(u64, PathBuf), ServerError> {
@@ -264,9 +147,4 @@ fn newest_version(dir: &Path) -> Result<(u64, PathBuf), ServerError> {
         path: dir.to_path_buf(),
         reason: "no version directory (e.g. 1/) containing model.onnx".into(),
     })
-}
-
-fn read_labels(path: &Path) -> Result<Vec<String>, String> {
-    let text = std::fs::read_to_string(path).map_err(|e| format!("cannot read {}: {e}", path.display()))?;
-    Ok(text.lines().map(|l| l.trim().to_string()).collect())
 }
