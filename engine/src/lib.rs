@@ -9,4 +9,4 @@ mod tensor;
 pub use backend::{Backend, Dim, ModelMetadata, TensorSpec};
 pub use error::EngineError;
 pub use ort_backend::{OrtBackend, OrtOptions, OrtRuntime};
-pub use tensor::{DType, Tensor, TensorData};
+pub use tensor::{DType, Tensor, TensorData, f16};

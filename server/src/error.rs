@@ -7,6 +7,7 @@ use serde::Serialize;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum ErrorKind {
+    Unauthorized,
     NotFound,
     MethodNotAllowed,
     UnsupportedMediaType,
@@ -27,6 +28,7 @@ pub enum ErrorKind {
 impl ErrorKind {
     pub fn status(self) -> StatusCode {
         match self {
+            Self::Unauthorized => StatusCode::UNAUTHORIZED,
             Self::NotFound | Self::ModelNotFound => StatusCode::NOT_FOUND,
             Self::MethodNotAllowed => StatusCode::METHOD_NOT_ALLOWED,
             Self::UnsupportedMediaType => StatusCode::UNSUPPORTED_MEDIA_TYPE,
@@ -46,6 +48,7 @@ impl ErrorKind {
 
     pub fn type_name(self) -> &'static str {
         match self {
+            Self::Unauthorized => "unauthorized",
             Self::NotFound => "not_found",
             Self::MethodNotAllowed => "method_not_allowed",
             Self::UnsupportedMediaType => "unsupported_media_type",
@@ -117,6 +120,7 @@ mod tests {
     #[test]
     fn every_kind_maps_to_an_error_status() {
         let kinds = [
+            ErrorKind::Unauthorized,
             ErrorKind::NotFound,
             ErrorKind::MethodNotAllowed,
             ErrorKind::UnsupportedMediaType,

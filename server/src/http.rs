@@ -23,32 +23,100 @@ use crate::preprocess::{self, ImageError};
 pub type HttpResponse = Response<Full<Bytes>>;
 
 pub async fn handle(state: Arc<AppState>, req: Request<Incoming>) -> Result<HttpResponse, Infallible> {
-    Ok(route(&state, req).await.unwrap_or_else(|e| error_response(&e)))
+    let started = std::time::Instant::now();
+    let labels = metric_labels(&state, &req);
+    let resp = route(&state, req).await.unwrap_or_else(|e| error_response(&e));
+    if let Some((endpoint, model)) = labels {
+        state.metrics.observe_request(model, endpoint, resp.status().as_u16(), started.elapsed());
+    }
+    Ok(resp)
+}
+
+/// (endpoint, model) labels for inference requests. The model label is only ever the
+/// name of a loaded model (or empty), so clients cannot mint new time series.
+fn metric_labels<'a>(state: &'a AppState, req: &Request<Incoming>) -> Option<(&'static str, &'a str)> {
+    let path = req.uri().path();
+    let loaded = |name: &str| state.models.get_key_value(name).map_or("", |(k, _)| k.as_str());
+    let endpoint = match path {
+        "/predict" => "predict",
+        "/predict/batch" => "predict_batch",
+        _ if path.starts_with("/v2/models/") && path.ends_with("/infer") => {
+            let name = path.trim_start_matches("/v2/models/").split('/').next().unwrap_or_default();
+            return Some(("infer", loaded(name)));
+        }
+        _ => return None,
+    };
+    let requested = req
+        .uri()
+        .query()
+        .and_then(|q| form_urlencoded::parse(q.as_bytes()).find_map(|(k, v)| (k == "model").then(|| v.into_owned())));
+    let model = match requested {
+        Some(name) => loaded(&name),
+        None => state.default_model.as_deref().map_or("", loaded),
+    };
+    Some((endpoint, model))
 }
 
 async fn route(state: &AppState, req: Request<Incoming>) -> Result<HttpResponse, ApiError> {
     let path = req.uri().path();
+    if !is_public(path) {
+        check_token(state.auth.inference_token.as_deref(), &req)?;
+    }
+    if path == "/v2" || path.starts_with("/v2/") {
+        return crate::v2::route(state, req).await;
+    }
     match (req.method(), path) {
         (&Method::GET, "/health") => health(state),
+        (&Method::GET, "/metrics") => {
+            let mut resp = Response::new(Full::new(Bytes::from(state.metrics.render())));
+            resp.headers_mut().insert(CONTENT_TYPE, HeaderValue::from_static(crate::metrics::CONTENT_TYPE));
+            Ok(resp)
+        }
         (&Method::POST, "/predict") => predict(state, req, Arity::One).await,
         (&Method::POST, "/predict/batch") => predict(state, req, Arity::Many).await,
-        (_, "/health" | "/predict" | "/predict/batch") => {
+        (_, "/health" | "/metrics" | "/predict" | "/predict/batch") => {
             Err(ApiError::new(ErrorKind::MethodNotAllowed, format!("{} is not allowed here", req.method())))
         }
         _ => Err(ApiError::new(ErrorKind::NotFound, "no such endpoint")),
     }
 }
 
+/// Liveness, readiness and metrics stay open so orchestrators and scrapers need no token.
+fn is_public(path: &str) -> bool {
+    matches!(path, "/health" | "/metrics" | "/v2/health/live" | "/v2/health/ready")
+}
+
+/// `Authorization: Bearer <token>` when a token is configured. The comparison takes the
+/// same time wherever the first differing byte is.
+pub(crate) fn check_token(expected: Option<&str>, req: &Request<Incoming>) -> Result<(), ApiError> {
+    let Some(expected) = expected else { return Ok(()) };
+    let given = req
+        .headers()
+        .get(http::header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.strip_prefix("Bearer "))
+        .unwrap_or_default();
+    let same = given.len() == expected.len()
+        && given.bytes().zip(expected.bytes()).fold(0u8, |acc, (a, b)| acc | (a ^ b)) == 0;
+    if same { Ok(()) } else { Err(ApiError::new(ErrorKind::Unauthorized, "missing or invalid bearer token")) }
+}
+
 pub fn error_response(e: &ApiError) -> HttpResponse {
     let body = ErrorBody { error: &e.message, kind: e.kind.type_name() };
     let mut resp = json_response(e.kind.status(), &body);
-    if e.kind == ErrorKind::Overloaded {
-        resp.headers_mut().insert(RETRY_AFTER, HeaderValue::from_static("1"));
+    match e.kind {
+        ErrorKind::Overloaded => {
+            resp.headers_mut().insert(RETRY_AFTER, HeaderValue::from_static("1"));
+        }
+        ErrorKind::Unauthorized => {
+            resp.headers_mut().insert(http::header::WWW_AUTHENTICATE, HeaderValue::from_static("Bearer"));
+        }
+        _ => {}
     }
     resp
 }
 
-fn json_response(status: StatusCode, body: &impl Serialize) -> HttpResponse {
+pub(crate) fn json_response(status: StatusCode, body: &impl Serialize) -> HttpResponse {
     // Serialising our own plain structs cannot fail; fall back to an empty object anyway.
     let bytes = serde_json::to_vec(body).unwrap_or_else(|_| b"{}".to_vec());
     let mut resp = Response::new(Full::new(Bytes::from(bytes)));
@@ -94,7 +162,7 @@ impl Arity {
     }
 }
 
-fn select_model<'a>(state: &'a AppState, query: Option<&str>) -> Result<&'a Arc<Model>, ApiError> {
+pub(crate) fn select_model<'a>(state: &'a AppState, query: Option<&str>) -> Result<&'a Arc<Model>, ApiError> {
     let requested = query
         .and_then(|q| form_urlencoded::parse(q.as_bytes()).find_map(|(k, v)| (k == "model").then(|| v.into_owned())));
     let name = match requested.as_deref() {
@@ -106,14 +174,10 @@ fn select_model<'a>(state: &'a AppState, query: Option<&str>) -> Result<&'a Arc<
     state.models.get(name).ok_or_else(|| ApiError::new(ErrorKind::ModelNotFound, "unknown model"))
 }
 
-/// Reads the multipart body and returns the contents of every `field` part, in order.
-async fn read_files(state: &AppState, req: Request<Incoming>, arity: Arity) -> Result<Vec<Bytes>, ApiError> {
-    let limit = state.limits.max_body_bytes;
+/// Reads the whole body, refusing (413) anything over `limit` — by the declared length
+/// before reading, and by the bytes actually received for chunked bodies.
+pub(crate) async fn read_body(req: Request<Incoming>, limit: usize) -> Result<Bytes, ApiError> {
     let too_large = || ApiError::new(ErrorKind::PayloadTooLarge, format!("the request body exceeds {limit} bytes"));
-    let content_type = req.headers().get(CONTENT_TYPE).and_then(|v| v.to_str().ok()).unwrap_or_default();
-    let boundary = multer::parse_boundary(content_type).map_err(|_| {
-        ApiError::new(ErrorKind::UnsupportedMediaType, "expected a multipart/form-data body with a boundary")
-    })?;
     let declared = req.headers().get(CONTENT_LENGTH).and_then(|v| v.to_str().ok()?.parse::<u64>().ok());
     if declared.is_some_and(|n| n > limit as u64) {
         return Err(too_large());
@@ -125,7 +189,17 @@ async fn read_files(state: &AppState, req: Request<Incoming>, arity: Arity) -> R
             ApiError::new(ErrorKind::InvalidMultipart, "the request body could not be read")
         }
     })?;
-    let body = body.to_bytes();
+    Ok(body.to_bytes())
+}
+
+/// Reads the multipart body and returns the contents of every `field` part, in order.
+async fn read_files(state: &AppState, req: Request<Incoming>, arity: Arity) -> Result<Vec<Bytes>, ApiError> {
+    let limit = state.limits.max_body_bytes;
+    let content_type = req.headers().get(CONTENT_TYPE).and_then(|v| v.to_str().ok()).unwrap_or_default();
+    let boundary = multer::parse_boundary(content_type).map_err(|_| {
+        ApiError::new(ErrorKind::UnsupportedMediaType, "expected a multipart/form-data body with a boundary")
+    })?;
+    let body = read_body(req, limit).await?;
     let stream = futures_util::stream::once(async move { Ok::<Bytes, Infallible>(body) });
     let mut multipart = multer::Multipart::new(stream, boundary);
     let bad = |e: multer::Error| ApiError::new(ErrorKind::InvalidMultipart, format!("malformed multipart body: {e}"));
@@ -178,7 +252,7 @@ fn classifier(model: &Model) -> Result<&Classifier, ApiError> {
 }
 
 /// Scheduling options from the query string: `priority=N`, `timeout_ms=N`.
-fn infer_options(query: Option<&str>) -> Result<InferOptions, ApiError> {
+pub(crate) fn infer_options(query: Option<&str>) -> Result<InferOptions, ApiError> {
     let mut options = InferOptions::default();
     for (key, value) in form_urlencoded::parse(query.unwrap_or_default().as_bytes()) {
         let number = |name: &str| {

@@ -5,8 +5,11 @@ mod classify;
 mod config;
 mod error;
 mod http;
+mod kserve;
+mod metrics;
 mod model;
 mod preprocess;
+mod v2;
 
 use std::collections::HashMap;
 use std::future::Future;
@@ -21,9 +24,9 @@ use hyper_util::server::conn::auto;
 use hyper_util::server::graceful::GracefulShutdown;
 use tokio::net::TcpListener;
 
-pub use config::{ModelConfig, ModelConfig as Config};
-pub use error::{ApiError, ErrorKind};
 pub use classify::Prediction;
+pub use config::ModelConfig;
+pub use error::{ApiError, ErrorKind};
 pub use model::Model;
 
 /// Failures at start-up or while serving. Start-up errors name the file and field.
@@ -48,13 +51,39 @@ pub enum ServerError {
 pub struct Limits {
     pub max_body_bytes: usize,
     pub max_batch_files: usize,
+    /// Largest tensor (in elements) a KServe request may declare.
+    pub max_tensor_elements: usize,
     /// Time a client has to send its request headers (slow-client protection).
     pub header_read_timeout: Duration,
 }
 
 impl Default for Limits {
     fn default() -> Self {
-        Self { max_body_bytes: 64 << 20, max_batch_files: 64, header_read_timeout: Duration::from_secs(10) }
+        Self {
+            max_body_bytes: 64 << 20,
+            max_batch_files: 64,
+            max_tensor_elements: 16 << 20,
+            header_read_timeout: Duration::from_secs(10),
+        }
+    }
+}
+
+/// Bearer tokens; `None` leaves that class of endpoints open.
+#[derive(Clone, Default)]
+pub struct AuthConfig {
+    /// Required by every endpoint except health and metrics.
+    pub inference_token: Option<String>,
+    /// Required by model-management endpoints, which are disabled without it.
+    pub admin_token: Option<String>,
+}
+
+impl std::fmt::Debug for AuthConfig {
+    // Never print the tokens themselves.
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("AuthConfig")
+            .field("inference_token", &self.inference_token.as_ref().map(|_| "<set>"))
+            .field("admin_token", &self.admin_token.as_ref().map(|_| "<set>"))
+            .finish()
     }
 }
 
@@ -65,6 +94,7 @@ pub struct ServerConfig {
     pub default_model: Option<String>,
     pub ort_library: PathBuf,
     pub limits: Limits,
+    pub auth: AuthConfig,
     /// How long shutdown waits for open connections before closing them.
     pub drain_timeout: Duration,
 }
@@ -77,6 +107,7 @@ impl ServerConfig {
             default_model: None,
             ort_library: ort_library.into(),
             limits: Limits::default(),
+            auth: AuthConfig::default(),
             drain_timeout: Duration::from_secs(30),
         }
     }
@@ -87,6 +118,8 @@ pub(crate) struct AppState {
     models: HashMap<String, Arc<Model>>,
     default_model: Option<String>,
     limits: Limits,
+    auth: AuthConfig,
+    metrics: Arc<metrics::Metrics>,
 }
 
 /// A bound, loaded server: models are ready and the socket accepts connections once
@@ -103,7 +136,9 @@ impl Server {
     pub async fn bind(config: ServerConfig) -> Result<Self, ServerError> {
         let repo = config.model_repository.clone();
         let ort = config.ort_library.clone();
-        let models = tokio::task::spawn_blocking(move || load_repository(&repo, &ort))
+        let metrics = metrics::Metrics::new();
+        let for_models = Arc::clone(&metrics);
+        let models = tokio::task::spawn_blocking(move || load_repository(&repo, &ort, &for_models))
             .await
             .map_err(|e| ServerError::Other(e.to_string()))??;
         let default_model = match config.default_model {
@@ -119,7 +154,7 @@ impl Server {
         };
         let listener =
             TcpListener::bind(config.addr).await.map_err(|source| ServerError::Bind { addr: config.addr, source })?;
-        let state = Arc::new(AppState { models, default_model, limits: config.limits });
+        let state = Arc::new(AppState { models, default_model, limits: config.limits, auth: config.auth, metrics });
         Ok(Self { listener, state, drain_timeout: config.drain_timeout })
     }
 
@@ -184,7 +219,11 @@ impl Server {
     }
 }
 
-fn load_repository(repo: &Path, ort_library: &Path) -> Result<HashMap<String, Arc<Model>>, ServerError> {
+fn load_repository(
+    repo: &Path,
+    ort_library: &Path,
+    metrics: &Arc<metrics::Metrics>,
+) -> Result<HashMap<String, Arc<Model>>, ServerError> {
     let io = |e: std::io::Error| ServerError::Repository { path: repo.to_path_buf(), reason: e.to_string() };
     let mut dirs: Vec<PathBuf> = std::fs::read_dir(repo)
         .map_err(io)?
@@ -201,7 +240,8 @@ fn load_repository(repo: &Path, ort_library: &Path) -> Result<HashMap<String, Ar
     }
     let mut models = HashMap::new();
     for dir in dirs {
-        let model = Model::load(&dir, ort_library)?;
+        let model = Model::load(&dir, ort_library, metrics)?;
+        metrics.set_model_ready(&model.name, &model.version.to_string(), true);
         models.insert(model.name.clone(), model);
     }
     Ok(models)

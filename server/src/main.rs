@@ -43,6 +43,13 @@ struct ServeArgs {
     /// Most files accepted by one `/predict/batch` request.
     #[arg(long, env = "KILN_MAX_BATCH_FILES", default_value_t = 64)]
     max_batch_files: usize,
+    /// Largest tensor, in elements, a KServe v2 request may declare.
+    #[arg(long, env = "KILN_MAX_TENSOR_ELEMENTS", default_value_t = 16 << 20)]
+    max_tensor_elements: usize,
+    /// Require `Authorization: Bearer <token>` on every endpoint but health and metrics.
+    /// Prefer the environment variable: flags show up in process listings.
+    #[arg(long, env = "KILN_AUTH_TOKEN", hide_env_values = true)]
+    auth_token: Option<String>,
 }
 
 fn main() -> anyhow::Result<()> {
@@ -60,8 +67,13 @@ fn main() -> anyhow::Result<()> {
 async fn serve(args: ServeArgs) -> anyhow::Result<()> {
     let mut config = ServerConfig::new(SocketAddr::new(args.host, args.port), args.model_repository, args.ort_library);
     config.default_model = args.default_model;
-    config.limits =
-        Limits { max_body_bytes: args.max_body_bytes, max_batch_files: args.max_batch_files, ..Limits::default() };
+    config.limits = Limits {
+        max_body_bytes: args.max_body_bytes,
+        max_batch_files: args.max_batch_files,
+        max_tensor_elements: args.max_tensor_elements,
+        ..Limits::default()
+    };
+    config.auth.inference_token = args.auth_token.filter(|t| !t.is_empty());
     let server = Server::bind(config).await.context("kiln serve could not start")?;
     let addr = server.local_addr()?;
     // Scripts and tests read this line to find the port when --port 0 was given.

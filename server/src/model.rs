@@ -10,6 +10,7 @@ use kiln_engine::{Backend, ModelMetadata, OrtBackend, OrtOptions, OrtRuntime, Te
 use crate::ServerError;
 use crate::classify::Classifier;
 use crate::config::{BackendKind, ModelConfig};
+use crate::metrics::Metrics;
 
 /// One request's inputs, one tensor per model input, batch axis first.
 #[derive(Debug)]
@@ -43,11 +44,13 @@ impl std::fmt::Debug for ModelExecutor {
     }
 }
 
-impl Executor for ModelExecutor {
-    type Input = ModelInput;
-    type Output = Vec<Tensor>;
+/// Same number of tensors, each with the same non-batch axes.
+fn stackable(a: &ModelInput, b: &ModelInput) -> bool {
+    a.0.len() == b.0.len() && a.0.iter().zip(&b.0).all(|(x, y)| x.shape().get(1..) == y.shape().get(1..))
+}
 
-    fn execute(&mut self, inputs: &[&ModelInput]) -> Result<Vec<Vec<Tensor>>, ExecutorError> {
+impl ModelExecutor {
+    fn run_stacked(&mut self, inputs: &[&ModelInput]) -> Result<Vec<Vec<Tensor>>, ExecutorError> {
         let err = |e: kiln_engine::EngineError| ExecutorError(e.to_string());
         let n_inputs = self.backend.metadata().inputs.len();
         // The one copy of each request's data: straight into the batch tensor.
@@ -67,6 +70,24 @@ impl Executor for ModelExecutor {
             }
         }
         Ok(per_request)
+    }
+}
+
+impl Executor for ModelExecutor {
+    type Input = ModelInput;
+    type Output = Vec<Tensor>;
+
+    fn execute(&mut self, inputs: &[&ModelInput]) -> Result<Vec<Vec<Tensor>>, ExecutorError> {
+        // Requests can only be stacked when every non-batch axis agrees (models with a
+        // dynamic sequence axis); runs of compatible requests each make one engine call.
+        let mut results = Vec::with_capacity(inputs.len());
+        let mut start = 0;
+        while let Some(first) = inputs.get(start) {
+            let run = inputs[start..].iter().take_while(|r| stackable(first, r)).count();
+            results.extend(self.run_stacked(&inputs[start..start + run])?);
+            start += run;
+        }
+        Ok(results)
     }
 
     fn join(parts: Vec<Vec<Tensor>>) -> Result<Vec<Tensor>, ExecutorError> {
@@ -92,9 +113,16 @@ pub struct Model {
 }
 
 impl Model {
+    /// The platform reported by the metadata endpoint.
+    pub fn backend_name(&self) -> &'static str {
+        match self.config.backend {
+            BackendKind::Onnxruntime => "onnxruntime_onnx",
+        }
+    }
+
     /// Loads `dir` (a model directory of the repository): config, newest numbered
     /// version, labels, and one backend instance per `instance_count`.
-    pub fn load(dir: &Path, ort_library: &Path) -> Result<Arc<Self>, ServerError> {
+    pub fn load(dir: &Path, ort_library: &Path, metrics: &Arc<Metrics>) -> Result<Arc<Self>, ServerError> {
         let config_path = dir.join("config.toml");
         let config = ModelConfig::load(&config_path)?;
         let bad = |reason: String| ServerError::Config { path: config_path.clone(), reason };
@@ -125,7 +153,8 @@ impl Model {
             };
             Ok(ModelExecutor { backend: Box::new(backend) })
         };
-        let batcher = Batcher::spawn(config.batcher_config(), factory)
+        let observer = Some(metrics.model_observer(&config.name));
+        let batcher = Batcher::spawn_observed(config.batcher_config(), observer, factory)
             .map_err(|e| ServerError::ModelStart { name: config.name.clone(), reason: e.to_string() })?;
         tracing::info!(model = %config.name, version, backend = "onnxruntime-cpu", "model loaded");
         Ok(Arc::new(Self { name: config.name.clone(), version, metadata, classifier, batcher, config }))

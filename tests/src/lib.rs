@@ -129,3 +129,23 @@ impl Drop for ScratchRepository {
         let _ = std::fs::remove_dir_all(&self.path);
     }
 }
+
+/// The tensor test models (`identity_fp32`, `add_sub`, `all_types`) built by `make setup`.
+pub fn test_model_repository() -> anyhow::Result<PathBuf> {
+    let repo = workspace_root().join(".kiln/test-models");
+    ensure!(repo.join("all_types/1/model.onnx").is_file(), "{} is missing: run `make setup` first", repo.display());
+    Ok(repo)
+}
+
+/// A server configuration for the tensor test models on 127.0.0.1, port 0.
+pub fn test_models_config() -> anyhow::Result<ServerConfig> {
+    let addr: SocketAddr = "127.0.0.1:0".parse()?;
+    Ok(ServerConfig::new(addr, test_model_repository()?, ort_library()?))
+}
+
+/// The project venv's Python (with Triton's client), set up by `make setup`.
+pub fn venv_python() -> anyhow::Result<PathBuf> {
+    let python = workspace_root().join(".kiln/venv/bin/python");
+    ensure!(python.is_file(), "{} is missing: run `make setup` first", python.display());
+    Ok(python)
+}

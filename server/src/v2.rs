@@ -1,0 +1,230 @@
+//! KServe v2 / Open Inference Protocol endpoints (the REST API Triton's clients speak):
+//! server and model metadata, health, and `infer` with JSON or binary tensors.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::Bytes;
+use http::header::CONTENT_TYPE;
+use http::{HeaderValue, Method, Request, StatusCode};
+use hyper::body::Incoming;
+use kiln_batcher::InferOptions;
+use kiln_engine::{Dim, Tensor, TensorSpec};
+use serde_json::Value;
+
+use crate::AppState;
+use crate::error::{ApiError, ErrorKind};
+use crate::http::{HttpResponse, json_response, read_body};
+use crate::kserve::{self, DecodeLimits, InferOutput, InferRequest};
+use crate::model::{Model, ModelInput};
+
+const HEADER_LEN: &str = "inference-header-content-length";
+/// Protocol extensions kiln implements, as reported by `GET /v2`.
+const EXTENSIONS: &[&str] = &["binary_tensor_data", "parameters", "statistics"];
+
+pub async fn route(state: &AppState, req: Request<Incoming>) -> Result<HttpResponse, ApiError> {
+    let path = req.uri().path().trim_end_matches('/').to_string();
+    let segments: Vec<&str> = path.split('/').skip(2).collect();
+    let method = req.method().clone();
+    match (&method, segments.as_slice()) {
+        (&Method::GET, []) => Ok(json_response(StatusCode::OK, &kserve::server_metadata(EXTENSIONS))),
+        (&Method::GET, ["health", "live"]) => Ok(json_response(StatusCode::OK, &serde_json::json!({"live": true}))),
+        (&Method::GET, ["health", "ready"]) => Ok(json_response(StatusCode::OK, &serde_json::json!({"ready": true}))),
+        (&Method::GET, ["models", name, rest @ ..]) => {
+            let (model, rest) = resolve(state, name, rest)?;
+            match rest {
+                [] => Ok(metadata(model)),
+                ["ready"] => {
+                    let body =
+                        serde_json::json!({"name": model.name, "version": model.version.to_string(), "ready": true});
+                    Ok(json_response(StatusCode::OK, &body))
+                }
+                ["stats"] => Ok(json_response(StatusCode::OK, &statistics(model))),
+                _ => Err(not_found()),
+            }
+        }
+        (&Method::POST, ["models", name, rest @ ..]) => {
+            let (model, rest) = resolve(state, name, rest)?;
+            match rest {
+                ["infer"] => {
+                    let model = Arc::clone(model);
+                    infer(state, &model, req).await
+                }
+                _ => Err(not_found()),
+            }
+        }
+        (&Method::POST, ["repository", "index"]) => Ok(json_response(StatusCode::OK, &index(&state.models))),
+        (_, ["health", _] | [] | ["models", ..] | ["repository", ..]) => {
+            Err(ApiError::new(ErrorKind::MethodNotAllowed, format!("{method} is not allowed here")))
+        }
+        _ => Err(not_found()),
+    }
+}
+
+fn not_found() -> ApiError {
+    ApiError::new(ErrorKind::NotFound, "no such endpoint")
+}
+
+/// `{name}` or `{name}/versions/{v}`; the name is only ever a map key, never a path.
+fn resolve<'a, 'p>(
+    state: &'a AppState,
+    name: &str,
+    rest: &'p [&'p str],
+) -> Result<(&'a Arc<Model>, &'p [&'p str]), ApiError> {
+    let model = state.models.get(name).ok_or_else(|| ApiError::new(ErrorKind::ModelNotFound, "unknown model"))?;
+    match rest {
+        ["versions", v, tail @ ..] => {
+            if v.parse::<u64>().ok() != Some(model.version) {
+                return Err(ApiError::new(ErrorKind::ModelNotFound, "unknown model version"));
+            }
+            Ok((model, tail))
+        }
+        _ => Ok((model, rest)),
+    }
+}
+
+fn metadata(model: &Model) -> HttpResponse {
+    let versions = [model.version.to_string()];
+    json_response(
+        StatusCode::OK,
+        &kserve::model_metadata(&model.name, &versions, model.backend_name(), &model.metadata),
+    )
+}
+
+fn statistics(model: &Model) -> Value {
+    let s = model.batcher.stats();
+    serde_json::json!({
+        "model_stats": [{
+            "name": model.name,
+            "version": model.version.to_string(),
+            "inference_count": s.items,
+            "execution_count": s.batches,
+            "queue_ns_total": u64::try_from(s.queue_time.as_nanos()).unwrap_or(u64::MAX),
+            "compute_ns_total": u64::try_from(s.compute_time.as_nanos()).unwrap_or(u64::MAX),
+            "rejected": s.rejected,
+            "expired": s.expired,
+            "cancelled": s.cancelled,
+            "queued": s.queued_now,
+            "queue_delay_us": u64::try_from(s.queue_delay.as_micros()).unwrap_or(u64::MAX),
+        }]
+    })
+}
+
+fn index(models: &HashMap<String, Arc<Model>>) -> Value {
+    let mut entries: Vec<Value> = models
+        .values()
+        .map(|m| serde_json::json!({"name": m.name, "version": m.version.to_string(), "state": "READY"}))
+        .collect();
+    entries.sort_by(|a, b| a["name"].as_str().cmp(&b["name"].as_str()));
+    Value::Array(entries)
+}
+
+/// Scheduling options from the request's `parameters`: `priority` and `timeout`
+/// (microseconds, as in Triton's protocol).
+fn options(parameters: &serde_json::Map<String, Value>) -> Result<InferOptions, ApiError> {
+    let bad =
+        |name: &str| ApiError::new(ErrorKind::InvalidParameter, format!("parameter {name} must be a positive integer"));
+    let mut options = InferOptions::default();
+    if let Some(p) = parameters.get("priority") {
+        let p = p.as_u64().ok_or_else(|| bad("priority"))?;
+        // Triton: 0 means the model's default level.
+        if p > 0 {
+            options.priority = Some(u32::try_from(p).unwrap_or(u32::MAX));
+        }
+    }
+    if let Some(t) = parameters.get("timeout") {
+        let us = t.as_u64().filter(|&us| us > 0).ok_or_else(|| bad("timeout"))?;
+        options.timeout = Some(Duration::from_micros(us));
+    }
+    Ok(options)
+}
+
+/// Orders the request's tensors as the model declares its inputs, checking names,
+/// datatypes, ranks, fixed axes and a common batch size.
+fn model_input(model: &Model, request: &mut InferRequest) -> Result<ModelInput, ApiError> {
+    let bad = |msg: String| ApiError::new(ErrorKind::InvalidParameter, msg);
+    let specs = &model.metadata.inputs;
+    if let Some(unknown) = request.inputs.iter().find(|i| !specs.iter().any(|s| s.name == i.name)) {
+        return Err(bad(format!("the model has no input {:?}", unknown.name)));
+    }
+    let mut tensors = Vec::with_capacity(specs.len());
+    for spec in specs {
+        let position = request
+            .inputs
+            .iter()
+            .position(|i| i.name == spec.name)
+            .ok_or_else(|| bad(format!("input {:?} is missing", spec.name)))?;
+        let input = request.inputs.swap_remove(position);
+        check_tensor(spec, &input.tensor).map_err(|e| bad(format!("input {:?}: {e}", spec.name)))?;
+        tensors.push(input.tensor);
+    }
+    if !request.inputs.is_empty() {
+        return Err(bad("an input was given more than once".into()));
+    }
+    let batch = tensors.first().map(Tensor::batch);
+    if tensors.iter().any(|t| Some(t.batch()) != batch) {
+        return Err(bad("all inputs must have the same batch size (first axis)".into()));
+    }
+    Ok(ModelInput(tensors))
+}
+
+fn check_tensor(spec: &TensorSpec, tensor: &Tensor) -> Result<(), String> {
+    if tensor.dtype() != spec.dtype {
+        return Err(format!("datatype {} but the model expects {}", tensor.dtype(), spec.dtype));
+    }
+    let shape = tensor.shape();
+    let fits = shape.len() == spec.shape.len()
+        && shape.iter().zip(&spec.shape).all(|(&got, want)| matches!(want, Dim::Dynamic) || *want == Dim::Fixed(got));
+    if !fits {
+        return Err(format!("shape {shape:?} does not match the model's {:?}", spec.shape_i64()));
+    }
+    if shape.first() == Some(&0) {
+        return Err("the batch axis is empty".into());
+    }
+    Ok(())
+}
+
+async fn infer(state: &AppState, model: &Arc<Model>, req: Request<Incoming>) -> Result<HttpResponse, ApiError> {
+    let header_len = match req.headers().get(HEADER_LEN) {
+        None => None,
+        Some(v) => Some(v.to_str().ok().and_then(|s| s.trim().parse::<usize>().ok()).ok_or_else(|| {
+            ApiError::new(ErrorKind::InvalidParameter, "Inference-Header-Content-Length must be a byte count")
+        })?),
+    };
+    let body: Bytes = read_body(req, state.limits.max_body_bytes).await?;
+    let limits = DecodeLimits { max_tensor_elements: state.limits.max_tensor_elements, max_inputs: 64 };
+    let mut request = kserve::decode_infer_request(body, header_len, &limits)?;
+    let options = options(&request.parameters)?;
+    let input = model_input(model, &mut request)?;
+    let outputs = model.batcher.infer_with(input, options).await?;
+
+    let specs = &model.metadata.outputs;
+    let selected: Vec<InferOutput<'_>> = match &request.outputs {
+        None => specs
+            .iter()
+            .zip(&outputs)
+            .map(|(spec, tensor)| InferOutput { name: &spec.name, tensor, binary: request.binary_outputs_default })
+            .collect(),
+        Some(wanted) => wanted
+            .iter()
+            .map(|w| {
+                let i = specs.iter().position(|s| s.name == w.name).ok_or_else(|| {
+                    ApiError::new(ErrorKind::InvalidParameter, format!("the model has no output {:?}", w.name))
+                })?;
+                let tensor = outputs.get(i).ok_or_else(|| ApiError::internal("output count mismatch"))?;
+                Ok(InferOutput { name: &specs[i].name, tensor, binary: w.binary })
+            })
+            .collect::<Result<_, ApiError>>()?,
+    };
+    let version = model.version.to_string();
+    let (body, json_len) = kserve::encode_infer_response(&model.name, &version, request.id.as_deref(), &selected);
+    let mut resp = json_response(StatusCode::OK, &());
+    *resp.body_mut() = http_body_util::Full::new(Bytes::from(body));
+    if let Some(n) = json_len {
+        let headers = resp.headers_mut();
+        headers.insert(CONTENT_TYPE, HeaderValue::from_static("application/octet-stream"));
+        headers.insert(HEADER_LEN, HeaderValue::from(n));
+    }
+    Ok(resp)
+}
