@@ -22,6 +22,9 @@ use crate::preprocess::{self, ImageError};
 
 pub type HttpResponse = Response<Full<Bytes>>;
 
+/// The OpenAPI 3.1 description of every endpoint; tests check real responses against it.
+const OPENAPI: &str = include_str!("openapi.json");
+
 pub async fn handle(state: Arc<AppState>, req: Request<Incoming>) -> Result<HttpResponse, Infallible> {
     let started = std::time::Instant::now();
     let labels = metric_labels(&state, &req);
@@ -67,6 +70,11 @@ async fn route(state: &AppState, req: Request<Incoming>) -> Result<HttpResponse,
     }
     match (req.method(), path) {
         (&Method::GET, "/health") => health(state),
+        (&Method::GET, "/openapi.json") => {
+            let mut resp = Response::new(Full::new(Bytes::from_static(OPENAPI.as_bytes())));
+            resp.headers_mut().insert(CONTENT_TYPE, HeaderValue::from_static("application/json"));
+            Ok(resp)
+        }
         (&Method::GET, "/metrics") => {
             let mut resp = Response::new(Full::new(Bytes::from(state.metrics.render())));
             resp.headers_mut().insert(CONTENT_TYPE, HeaderValue::from_static(crate::metrics::CONTENT_TYPE));
@@ -74,7 +82,7 @@ async fn route(state: &AppState, req: Request<Incoming>) -> Result<HttpResponse,
         }
         (&Method::POST, "/predict") => predict(state, req, Arity::One).await,
         (&Method::POST, "/predict/batch") => predict(state, req, Arity::Many).await,
-        (_, "/health" | "/metrics" | "/predict" | "/predict/batch") => {
+        (_, "/health" | "/metrics" | "/openapi.json" | "/predict" | "/predict/batch") => {
             Err(ApiError::new(ErrorKind::MethodNotAllowed, format!("{} is not allowed here", req.method())))
         }
         _ => Err(ApiError::new(ErrorKind::NotFound, "no such endpoint")),
@@ -83,7 +91,7 @@ async fn route(state: &AppState, req: Request<Incoming>) -> Result<HttpResponse,
 
 /// Liveness, readiness and metrics stay open so orchestrators and scrapers need no token.
 fn is_public(path: &str) -> bool {
-    matches!(path, "/health" | "/metrics" | "/v2/health/live" | "/v2/health/ready")
+    matches!(path, "/health" | "/metrics" | "/openapi.json" | "/v2/health/live" | "/v2/health/ready")
 }
 
 /// `Authorization: Bearer <token>` when a token is configured. The comparison takes the
