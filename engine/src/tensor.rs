@@ -204,6 +204,27 @@ impl Tensor {
         Ok(Self { shape, data })
     }
 
+    /// A tensor of zeros (false, empty strings) of the given dtype and shape.
+    pub fn zeros(dtype: DType, shape: Vec<usize>) -> Result<Self, EngineError> {
+        let n = shape
+            .iter()
+            .try_fold(1usize, |acc, &d| acc.checked_mul(d))
+            .ok_or_else(|| EngineError::ShapeMismatch { shape: shape.clone(), len: 0 })?;
+        let data = match dtype {
+            DType::Bool => TensorData::Bool(vec![false; n]),
+            DType::U8 => TensorData::U8(vec![0; n]),
+            DType::I8 => TensorData::I8(vec![0; n]),
+            DType::I16 => TensorData::I16(vec![0; n]),
+            DType::I32 => TensorData::I32(vec![0; n]),
+            DType::I64 => TensorData::I64(vec![0; n]),
+            DType::F16 => TensorData::F16(vec![f16::ZERO; n]),
+            DType::F32 => TensorData::F32(vec![0.0; n]),
+            DType::F64 => TensorData::F64(vec![0.0; n]),
+            DType::Bytes => TensorData::Bytes(vec![Vec::new(); n]),
+        };
+        Tensor::new(shape, data)
+    }
+
     pub fn shape(&self) -> &[usize] {
         &self.shape
     }

@@ -18,10 +18,47 @@ pub struct ModelConfig {
     pub max_batch_size: usize,
     #[serde(default)]
     pub batching: BatchingConfig,
+    #[serde(default)]
+    pub version_policy: VersionPolicy,
     /// Image input: how `/predict` turns an upload into the model's input tensor.
     pub input: Option<InputConfig>,
     /// Classification output for `/predict`. Both tables or neither.
     pub output: Option<OutputConfig>,
+}
+
+/// Which numbered versions of a model serve: the newest `latest` (default 1), or exactly
+/// the `specific` ones. Requests that name no version get the newest loaded one.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct VersionPolicy {
+    pub latest: Option<usize>,
+    pub specific: Option<Vec<u64>>,
+}
+
+impl VersionPolicy {
+    /// The versions to load from those `available` on disk, newest first.
+    pub fn select(&self, available: &[u64]) -> Result<Vec<u64>, String> {
+        let mut sorted = available.to_vec();
+        sorted.sort_unstable_by(|a, b| b.cmp(a));
+        match &self.specific {
+            Some(wanted) => {
+                if let Some(missing) = wanted.iter().find(|v| !sorted.contains(v)) {
+                    return Err(format!("version_policy.specific: version {missing} has no model.onnx"));
+                }
+                Ok(sorted.into_iter().filter(|v| wanted.contains(v)).collect())
+            }
+            None => Ok(sorted.into_iter().take(self.latest.unwrap_or(1)).collect()),
+        }
+    }
+
+    fn validate(&self) -> Result<(), String> {
+        match (self.latest, &self.specific) {
+            (Some(_), Some(_)) => Err("version_policy: give either latest or specific, not both".into()),
+            (Some(0), None) => Err("version_policy.latest: must be at least 1".into()),
+            (None, Some(v)) if v.is_empty() => Err("version_policy.specific: list at least one version".into()),
+            _ => Ok(()),
+        }
+    }
 }
 
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
@@ -214,6 +251,7 @@ impl ModelConfig {
         if self.batching.instance_count == 0 || self.batching.instance_count > 64 {
             return Err("batching.instance_count: must be between 1 and 64".into());
         }
+        self.version_policy.validate()?;
         let b = &self.batching;
         if b.max_queue_delay_us > 10_000_000 {
             return Err("batching.max_queue_delay_us: must be at most 10 s".into());
@@ -288,6 +326,19 @@ mod tests {
         let (scale, offset) = c.input.as_ref().ok_or("no input")?.scale_offset()?;
         assert_eq!(scale, [0.5; 3]);
         assert_eq!(offset, [-0.5, -1.0, -1.5]);
+        Ok(())
+    }
+
+    #[test]
+    fn version_policy_selects_versions() -> Result<(), String> {
+        let latest2 = VersionPolicy { latest: Some(2), specific: None };
+        assert_eq!(latest2.select(&[1, 3, 2])?, vec![3, 2]);
+        assert_eq!(VersionPolicy::default().select(&[1, 7, 3])?, vec![7]);
+        let specific = VersionPolicy { latest: None, specific: Some(vec![1, 3]) };
+        assert_eq!(specific.select(&[1, 2, 3])?, vec![3, 1]);
+        assert!(specific.select(&[1, 2]).is_err(), "a missing specific version is an error");
+        assert!(VersionPolicy { latest: Some(0), specific: None }.validate().is_err());
+        assert!(VersionPolicy { latest: Some(1), specific: Some(vec![1]) }.validate().is_err());
         Ok(())
     }
 

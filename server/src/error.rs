@@ -8,6 +8,8 @@ use serde::Serialize;
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum ErrorKind {
     Unauthorized,
+    Forbidden,
+    LoadFailed,
     NotFound,
     MethodNotAllowed,
     UnsupportedMediaType,
@@ -29,6 +31,8 @@ impl ErrorKind {
     pub fn status(self) -> StatusCode {
         match self {
             Self::Unauthorized => StatusCode::UNAUTHORIZED,
+            Self::Forbidden => StatusCode::FORBIDDEN,
+            Self::LoadFailed => StatusCode::BAD_REQUEST,
             Self::NotFound | Self::ModelNotFound => StatusCode::NOT_FOUND,
             Self::MethodNotAllowed => StatusCode::METHOD_NOT_ALLOWED,
             Self::UnsupportedMediaType => StatusCode::UNSUPPORTED_MEDIA_TYPE,
@@ -49,6 +53,8 @@ impl ErrorKind {
     pub fn type_name(self) -> &'static str {
         match self {
             Self::Unauthorized => "unauthorized",
+            Self::Forbidden => "forbidden",
+            Self::LoadFailed => "load_failed",
             Self::NotFound => "not_found",
             Self::MethodNotAllowed => "method_not_allowed",
             Self::UnsupportedMediaType => "unsupported_media_type",
@@ -121,6 +127,8 @@ mod tests {
     fn every_kind_maps_to_an_error_status() {
         let kinds = [
             ErrorKind::Unauthorized,
+            ErrorKind::Forbidden,
+            ErrorKind::LoadFailed,
             ErrorKind::NotFound,
             ErrorKind::MethodNotAllowed,
             ErrorKind::UnsupportedMediaType,

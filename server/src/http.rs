@@ -30,16 +30,16 @@ pub async fn handle(state: Arc<AppState>, req: Request<Incoming>) -> Result<Http
     let labels = metric_labels(&state, &req);
     let resp = route(&state, req).await.unwrap_or_else(|e| error_response(&e));
     if let Some((endpoint, model)) = labels {
-        state.metrics.observe_request(model, endpoint, resp.status().as_u16(), started.elapsed());
+        state.metrics.observe_request(&model, endpoint, resp.status().as_u16(), started.elapsed());
     }
     Ok(resp)
 }
 
 /// (endpoint, model) labels for inference requests. The model label is only ever the
 /// name of a loaded model (or empty), so clients cannot mint new time series.
-fn metric_labels<'a>(state: &'a AppState, req: &Request<Incoming>) -> Option<(&'static str, &'a str)> {
+fn metric_labels(state: &AppState, req: &Request<Incoming>) -> Option<(&'static str, String)> {
     let path = req.uri().path();
-    let loaded = |name: &str| state.models.get_key_value(name).map_or("", |(k, _)| k.as_str());
+    let loaded = |name: &str| if state.repository.contains(name) { name.to_string() } else { String::new() };
     let endpoint = match path {
         "/predict" => "predict",
         "/predict/batch" => "predict_batch",
@@ -55,7 +55,7 @@ fn metric_labels<'a>(state: &'a AppState, req: &Request<Incoming>) -> Option<(&'
         .and_then(|q| form_urlencoded::parse(q.as_bytes()).find_map(|(k, v)| (k == "model").then(|| v.into_owned())));
     let model = match requested {
         Some(name) => loaded(&name),
-        None => state.default_model.as_deref().map_or("", loaded),
+        None => state.default_model.as_deref().map_or_else(String::new, loaded),
     };
     Some((endpoint, model))
 }
@@ -134,24 +134,26 @@ pub(crate) fn json_response(status: StatusCode, body: &impl Serialize) -> HttpRe
 }
 
 #[derive(Serialize)]
-struct ModelStatus<'a> {
-    name: &'a str,
+struct ModelStatus {
+    name: String,
     version: String,
     ready: bool,
 }
 
 fn health(state: &AppState) -> Result<HttpResponse, ApiError> {
     #[derive(Serialize)]
-    struct Health<'a> {
+    struct Health {
         status: &'static str,
-        models: Vec<ModelStatus<'a>>,
+        models: Vec<ModelStatus>,
     }
-    let mut models: Vec<ModelStatus<'_>> = state
-        .models
+    let mut models: Vec<ModelStatus> = state
+        .repository
+        .snapshot()
         .values()
-        .map(|m| ModelStatus { name: &m.name, version: m.version.to_string(), ready: true })
+        .flat_map(|versions| versions.values())
+        .map(|m| ModelStatus { name: m.name.clone(), version: m.version.to_string(), ready: true })
         .collect();
-    models.sort_by(|a, b| a.name.cmp(b.name));
+    models.sort_by(|a, b| (&a.name, &a.version).cmp(&(&b.name, &b.version)));
     Ok(json_response(StatusCode::OK, &Health { status: "ok", models }))
 }
 
@@ -170,7 +172,7 @@ impl Arity {
     }
 }
 
-pub(crate) fn select_model<'a>(state: &'a AppState, query: Option<&str>) -> Result<&'a Arc<Model>, ApiError> {
+pub(crate) fn select_model(state: &AppState, query: Option<&str>) -> Result<Arc<Model>, ApiError> {
     let requested = query
         .and_then(|q| form_urlencoded::parse(q.as_bytes()).find_map(|(k, v)| (k == "model").then(|| v.into_owned())));
     let name = match requested.as_deref() {
@@ -179,7 +181,7 @@ pub(crate) fn select_model<'a>(state: &'a AppState, query: Option<&str>) -> Resu
             ApiError::new(ErrorKind::ModelNotFound, "several models are served; choose one with ?model=NAME")
         })?,
     };
-    state.models.get(name).ok_or_else(|| ApiError::new(ErrorKind::ModelNotFound, "unknown model"))
+    state.repository.get(name, None)
 }
 
 /// Reads the whole body, refusing (413) anything over `limit` — by the declared length
@@ -292,7 +294,7 @@ fn image_error(e: ImageError, index: Option<usize>) -> ApiError {
 }
 
 async fn predict(state: &AppState, req: Request<Incoming>, arity: Arity) -> Result<HttpResponse, ApiError> {
-    let model = select_model(state, req.uri().query())?;
+    let model = &select_model(state, req.uri().query())?;
     classifier(model)?;
     let options = infer_options(req.uri().query())?;
     let files = read_files(state, req, arity).await?;

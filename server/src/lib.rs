@@ -9,12 +9,12 @@ mod kserve;
 mod metrics;
 mod model;
 mod preprocess;
+mod repository;
 mod v2;
 
-use std::collections::HashMap;
 use std::future::Future;
 use std::net::SocketAddr;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -115,7 +115,7 @@ impl ServerConfig {
 
 #[derive(Debug)]
 pub(crate) struct AppState {
-    models: HashMap<String, Arc<Model>>,
+    repository: Arc<repository::Repository>,
     default_model: Option<String>,
     limits: Limits,
     auth: AuthConfig,
@@ -138,23 +138,25 @@ impl Server {
         let ort = config.ort_library.clone();
         let metrics = metrics::Metrics::new();
         let for_models = Arc::clone(&metrics);
-        let models = tokio::task::spawn_blocking(move || load_repository(&repo, &ort, &for_models))
-            .await
-            .map_err(|e| ServerError::Other(e.to_string()))??;
+        let repository =
+            tokio::task::spawn_blocking(move || repository::Repository::open(&repo, &ort, for_models).map(Arc::new))
+                .await
+                .map_err(|e| ServerError::Other(e.to_string()))??;
+        let names = repository.snapshot();
         let default_model = match config.default_model {
-            Some(name) if models.contains_key(&name) => Some(name),
+            Some(name) if names.contains_key(&name) => Some(name),
             Some(name) => {
                 return Err(ServerError::Repository {
                     path: config.model_repository,
                     reason: format!("default model {name:?} is not in the repository"),
                 });
             }
-            None if models.len() == 1 => models.keys().next().cloned(),
+            None if names.len() == 1 => names.keys().next().cloned(),
             None => None,
         };
         let listener =
             TcpListener::bind(config.addr).await.map_err(|source| ServerError::Bind { addr: config.addr, source })?;
-        let state = Arc::new(AppState { models, default_model, limits: config.limits, auth: config.auth, metrics });
+        let state = Arc::new(AppState { repository, default_model, limits: config.limits, auth: config.auth, metrics });
         Ok(Self { listener, state, drain_timeout: config.drain_timeout })
     }
 
@@ -210,39 +212,9 @@ impl Server {
         }
         let state = self.state;
         tokio::task::spawn_blocking(move || {
-            for model in state.models.values() {
-                model.batcher.shutdown();
-            }
+            state.repository.shutdown();
         })
         .await
         .map_err(|e| ServerError::Other(e.to_string()))
     }
-}
-
-fn load_repository(
-    repo: &Path,
-    ort_library: &Path,
-    metrics: &Arc<metrics::Metrics>,
-) -> Result<HashMap<String, Arc<Model>>, ServerError> {
-    let io = |e: std::io::Error| ServerError::Repository { path: repo.to_path_buf(), reason: e.to_string() };
-    let mut dirs: Vec<PathBuf> = std::fs::read_dir(repo)
-        .map_err(io)?
-        .filter_map(Result::ok)
-        .map(|e| e.path())
-        .filter(|p| p.join("config.toml").is_file())
-        .collect();
-    dirs.sort();
-    if dirs.is_empty() {
-        return Err(ServerError::Repository {
-            path: repo.to_path_buf(),
-            reason: "no model directories (each needs a config.toml); run `make setup`".into(),
-        });
-    }
-    let mut models = HashMap::new();
-    for dir in dirs {
-        let model = Model::load(&dir, ort_library, metrics)?;
-        metrics.set_model_ready(&model.name, &model.version.to_string(), true);
-        models.insert(model.name.clone(), model);
-    }
-    Ok(models)
 }

@@ -50,6 +50,9 @@ struct ServeArgs {
     /// Prefer the environment variable: flags show up in process listings.
     #[arg(long, env = "KILN_AUTH_TOKEN", hide_env_values = true)]
     auth_token: Option<String>,
+    /// Enables `POST /v2/repository/models/{name}/load|unload`, guarded by this token.
+    #[arg(long, env = "KILN_ADMIN_TOKEN", hide_env_values = true)]
+    admin_token: Option<String>,
 }
 
 fn main() -> anyhow::Result<()> {
@@ -74,6 +77,7 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
         ..Limits::default()
     };
     config.auth.inference_token = args.auth_token.filter(|t| !t.is_empty());
+    config.auth.admin_token = args.admin_token.filter(|t| !t.is_empty());
     let server = Server::bind(config).await.context("kiln serve could not start")?;
     let addr = server.local_addr()?;
     // Scripts and tests read this line to find the port when --port 0 was given.

@@ -1,11 +1,11 @@
 //! A served model: its config, labels, preprocessing, and the batcher whose executors
 //! own the backend instances.
 
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::sync::Arc;
 
 use kiln_batcher::{Batcher, Executor, ExecutorError, Payload};
-use kiln_engine::{Backend, ModelMetadata, OrtBackend, OrtOptions, OrtRuntime, Tensor};
+use kiln_engine::{Backend, Dim, ModelMetadata, OrtBackend, OrtOptions, OrtRuntime, Tensor};
 
 use crate::ServerError;
 use crate::classify::Classifier;
@@ -120,9 +120,9 @@ impl Model {
         }
     }
 
-    /// Loads `dir` (a model directory of the repository): config, newest numbered
-    /// version, labels, and one backend instance per `instance_count`.
-    pub fn load(dir: &Path, ort_library: &Path, metrics: &Arc<Metrics>) -> Result<Arc<Self>, ServerError> {
+    /// Loads `dir` (a model directory of the repository): its config, then every
+    /// version its policy selects, each warmed up before it is returned.
+    pub fn load_all(dir: &Path, ort_library: &Path, metrics: &Arc<Metrics>) -> Result<Vec<Arc<Self>>, ServerError> {
         let config_path = dir.join("config.toml");
         let config = ModelConfig::load(&config_path)?;
         let bad = |reason: String| ServerError::Config { path: config_path.clone(), reason };
@@ -130,50 +130,82 @@ impl Model {
         if config.name != dir_name {
             return Err(bad(format!("name: {:?} must match the directory name {dir_name:?}", config.name)));
         }
-        let (version, model_file) = newest_version(dir)?;
-
+        let available = versions_on_disk(dir)?;
+        let chosen = config.version_policy.select(&available).map_err(bad)?;
+        if chosen.is_empty() {
+            return Err(ServerError::Repository {
+                path: dir.to_path_buf(),
+                reason: "no version directory (e.g. 1/) containing model.onnx".into(),
+            });
+        }
         let runtime = OrtRuntime::load(ort_library).map_err(ServerError::Engine)?;
+        chosen.into_iter().map(|v| Self::load_version(dir, &config, v, &runtime, metrics)).collect()
+    }
+
+    fn load_version(
+        dir: &Path,
+        config: &ModelConfig,
+        version: u64,
+        runtime: &OrtRuntime,
+        metrics: &Arc<Metrics>,
+    ) -> Result<Arc<Self>, ServerError> {
+        let config_path = dir.join("config.toml");
+        let bad = |reason: String| ServerError::Config { path: config_path.clone(), reason };
+        let model_file = dir.join(version.to_string()).join("model.onnx");
         let options = OrtOptions { intra_threads: config.batching.intra_threads };
         let probe = match config.backend {
-            BackendKind::Onnxruntime => OrtBackend::load(&runtime, &model_file, &options)?,
+            BackendKind::Onnxruntime => OrtBackend::load(runtime, &model_file, &options)?,
         };
         let metadata = probe.metadata().clone();
         let classifier = match (&config.input, &config.output) {
-            (Some(input), Some(output)) => Some(Classifier::new(dir, input, output, &config, &metadata).map_err(bad)?),
+            (Some(input), Some(output)) => Some(Classifier::new(dir, input, output, config, &metadata).map_err(bad)?),
             _ => None,
         };
 
-        // Executor 0 reuses the probe session; the others load their own.
+        // Executor 0 reuses the probe session; the others load their own. Each runs one
+        // warm-up batch before it reports ready, so the first request is not the slow one.
         let first = std::sync::Mutex::new(Some(probe));
+        let runtime = runtime.clone();
         let factory = move |index: usize| -> Result<ModelExecutor, ExecutorError> {
             let reused = if index == 0 { first.lock().ok().and_then(|mut s| s.take()) } else { None };
-            let backend = match reused {
+            let mut backend = match reused {
                 Some(b) => b,
                 None => OrtBackend::load(&runtime, &model_file, &options).map_err(|e| ExecutorError(e.to_string()))?,
             };
+            warm_up(&mut backend).map_err(|e| ExecutorError(format!("warm-up failed: {e}")))?;
             Ok(ModelExecutor { backend: Box::new(backend) })
         };
         let observer = Some(metrics.model_observer(&config.name));
         let batcher = Batcher::spawn_observed(config.batcher_config(), observer, factory)
             .map_err(|e| ServerError::ModelStart { name: config.name.clone(), reason: e.to_string() })?;
         tracing::info!(model = %config.name, version, backend = "onnxruntime-cpu", "model loaded");
-        Ok(Arc::new(Self { name: config.name.clone(), version, metadata, classifier, batcher, config }))
+        Ok(Arc::new(Self { name: config.name.clone(), version, metadata, classifier, batcher, config: config.clone() }))
     }
 }
 
-fn newest_version(dir: &Path) -> Result<(u64, PathBuf), ServerError> {
+/// Runs one batch of zeros (dynamic axes as 1) through a fresh backend.
+fn warm_up(backend: &mut dyn Backend) -> Result<(), kiln_engine::EngineError> {
+    let inputs = backend
+        .metadata()
+        .inputs
+        .iter()
+        .map(|spec| {
+            let shape: Vec<usize> = spec.shape.iter().map(|d| if let Dim::Fixed(n) = d { *n } else { 1 }).collect();
+            Tensor::zeros(spec.dtype, shape)
+        })
+        .collect::<Result<Vec<_>, _>>()?;
+    backend.run(&inputs).map(drop)
+}
+
+fn versions_on_disk(dir: &Path) -> Result<Vec<u64>, ServerError> {
     let io = |e: std::io::Error| ServerError::Repository { path: dir.to_path_buf(), reason: e.to_string() };
-    let mut best: Option<(u64, PathBuf)> = None;
+    let mut versions = Vec::new();
     for entry in std::fs::read_dir(dir).map_err(io)? {
         let entry = entry.map_err(io)?;
         let Some(version) = entry.file_name().to_str().and_then(|n| n.parse::<u64>().ok()) else { continue };
-        let file = entry.path().join("model.onnx");
-        if file.is_file() && best.as_ref().is_none_or(|(v, _)| version > *v) {
-            best = Some((version, file));
+        if entry.path().join("model.onnx").is_file() {
+            versions.push(version);
         }
     }
-    best.ok_or_else(|| ServerError::Repository {
-        path: dir.to_path_buf(),
-        reason: "no version directory (e.g. 1/) containing model.onnx".into(),
-    })
+    Ok(versions)
 }

@@ -1,7 +1,6 @@
 //! KServe v2 / Open Inference Protocol endpoints (the REST API Triton's clients speak):
 //! server and model metadata, health, and `infer` with JSON or binary tensors.
 
-use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -11,13 +10,14 @@ use http::{HeaderValue, Method, Request, StatusCode};
 use hyper::body::Incoming;
 use kiln_batcher::InferOptions;
 use kiln_engine::{Dim, Tensor, TensorSpec};
-use serde_json::Value;
+use serde_json::{Value, json};
 
 use crate::AppState;
 use crate::error::{ApiError, ErrorKind};
-use crate::http::{HttpResponse, json_response, read_body};
+use crate::http::{HttpResponse, check_token, json_response, read_body};
 use crate::kserve::{self, DecodeLimits, InferOutput, InferRequest};
 use crate::model::{Model, ModelInput};
+use crate::repository::valid_name;
 
 const HEADER_LEN: &str = "inference-header-content-length";
 /// Protocol extensions kiln implements, as reported by `GET /v2`.
@@ -29,36 +29,76 @@ pub async fn route(state: &AppState, req: Request<Incoming>) -> Result<HttpRespo
     let method = req.method().clone();
     match (&method, segments.as_slice()) {
         (&Method::GET, []) => Ok(json_response(StatusCode::OK, &kserve::server_metadata(EXTENSIONS))),
-        (&Method::GET, ["health", "live"]) => Ok(json_response(StatusCode::OK, &serde_json::json!({"live": true}))),
-        (&Method::GET, ["health", "ready"]) => Ok(json_response(StatusCode::OK, &serde_json::json!({"ready": true}))),
+        (&Method::GET, ["health", "live"]) => Ok(json_response(StatusCode::OK, &json!({"live": true}))),
+        (&Method::GET, ["health", "ready"]) => Ok(json_response(StatusCode::OK, &json!({"ready": true}))),
         (&Method::GET, ["models", name, rest @ ..]) => {
             let (model, rest) = resolve(state, name, rest)?;
             match rest {
-                [] => Ok(metadata(model)),
+                [] => Ok(metadata(state, &model)),
                 ["ready"] => {
-                    let body =
-                        serde_json::json!({"name": model.name, "version": model.version.to_string(), "ready": true});
+                    let body = json!({"name": model.name, "version": model.version.to_string(), "ready": true});
                     Ok(json_response(StatusCode::OK, &body))
                 }
-                ["stats"] => Ok(json_response(StatusCode::OK, &statistics(model))),
+                ["stats"] => Ok(json_response(StatusCode::OK, &statistics(&model))),
                 _ => Err(not_found()),
             }
         }
         (&Method::POST, ["models", name, rest @ ..]) => {
             let (model, rest) = resolve(state, name, rest)?;
             match rest {
-                ["infer"] => {
-                    let model = Arc::clone(model);
-                    infer(state, &model, req).await
-                }
+                ["infer"] => infer(state, &model, req).await,
                 _ => Err(not_found()),
             }
         }
-        (&Method::POST, ["repository", "index"]) => Ok(json_response(StatusCode::OK, &index(&state.models))),
+        (&Method::POST, ["repository", "index"]) => Ok(json_response(StatusCode::OK, &index(state))),
+        (&Method::POST, ["repository", "models", name, action @ ("load" | "unload")]) => {
+            let name = (*name).to_string();
+            let action = *action;
+            manage(state, &req, name, action).await
+        }
         (_, ["health", _] | [] | ["models", ..] | ["repository", ..]) => {
             Err(ApiError::new(ErrorKind::MethodNotAllowed, format!("{method} is not allowed here")))
         }
         _ => Err(not_found()),
+    }
+}
+
+/// `load` (re)reads a model from the repository directory, `unload` stops serving it.
+/// Disabled unless an admin token is configured, and guarded by it.
+async fn manage(
+    state: &AppState,
+    req: &Request<Incoming>,
+    name: String,
+    action: &str,
+) -> Result<HttpResponse, ApiError> {
+    let Some(token) = state.auth.admin_token.as_deref() else {
+        return Err(ApiError::new(ErrorKind::Forbidden, "model management is disabled (no admin token configured)"));
+    };
+    check_token(Some(token), req)?;
+    if !valid_name(&name) {
+        return Err(ApiError::new(ErrorKind::ModelNotFound, "unknown model"));
+    }
+    if action == "unload" {
+        if !state.repository.unload(&name) {
+            return Err(ApiError::new(ErrorKind::ModelNotFound, "unknown model"));
+        }
+        tracing::info!(model = %name, "model unloaded");
+        return Ok(json_response(StatusCode::OK, &json!({"name": name, "state": "UNAVAILABLE"})));
+    }
+    let repository = Arc::clone(&state.repository);
+    let loaded = {
+        let name = name.clone();
+        tokio::task::spawn_blocking(move || repository.load(&name)).await.map_err(ApiError::internal)?
+    };
+    match loaded {
+        Ok(()) => Ok(json_response(StatusCode::OK, &json!({"name": name, "state": "READY"}))),
+        Err(e) => {
+            tracing::warn!(model = %name, error = %e, "model load failed; previous versions keep serving");
+            Err(ApiError::new(
+                ErrorKind::LoadFailed,
+                format!("model {name} failed to load (see the server log); any previous versions keep serving"),
+            ))
+        }
     }
 }
 
@@ -67,34 +107,29 @@ fn not_found() -> ApiError {
 }
 
 /// `{name}` or `{name}/versions/{v}`; the name is only ever a map key, never a path.
-fn resolve<'a, 'p>(
-    state: &'a AppState,
-    name: &str,
-    rest: &'p [&'p str],
-) -> Result<(&'a Arc<Model>, &'p [&'p str]), ApiError> {
-    let model = state.models.get(name).ok_or_else(|| ApiError::new(ErrorKind::ModelNotFound, "unknown model"))?;
+fn resolve<'p>(state: &AppState, name: &str, rest: &'p [&'p str]) -> Result<(Arc<Model>, &'p [&'p str]), ApiError> {
     match rest {
         ["versions", v, tail @ ..] => {
-            if v.parse::<u64>().ok() != Some(model.version) {
-                return Err(ApiError::new(ErrorKind::ModelNotFound, "unknown model version"));
-            }
-            Ok((model, tail))
+            let version =
+                v.parse::<u64>().map_err(|_| ApiError::new(ErrorKind::ModelNotFound, "unknown model version"))?;
+            Ok((state.repository.get(name, Some(version))?, tail))
         }
-        _ => Ok((model, rest)),
+        _ => Ok((state.repository.get(name, None)?, rest)),
     }
 }
 
-fn metadata(model: &Model) -> HttpResponse {
-    let versions = [model.version.to_string()];
-    json_response(
-        StatusCode::OK,
-        &kserve::model_metadata(&model.name, &versions, model.backend_name(), &model.metadata),
-    )
+fn metadata(state: &AppState, model: &Model) -> HttpResponse {
+    let table = state.repository.snapshot();
+    let mut versions: Vec<String> =
+        table.get(&model.name).map(|v| v.keys().map(u64::to_string).collect()).unwrap_or_default();
+    versions.reverse(); // newest first
+    let doc = kserve::model_metadata(&model.name, &versions, model.backend_name(), &model.metadata);
+    json_response(StatusCode::OK, &doc)
 }
 
 fn statistics(model: &Model) -> Value {
     let s = model.batcher.stats();
-    serde_json::json!({
+    json!({
         "model_stats": [{
             "name": model.name,
             "version": model.version.to_string(),
@@ -111,12 +146,16 @@ fn statistics(model: &Model) -> Value {
     })
 }
 
-fn index(models: &HashMap<String, Arc<Model>>) -> Value {
-    let mut entries: Vec<Value> = models
+fn index(state: &AppState) -> Value {
+    let mut entries: Vec<Value> = state
+        .repository
+        .snapshot()
         .values()
-        .map(|m| serde_json::json!({"name": m.name, "version": m.version.to_string(), "state": "READY"}))
+        .flat_map(|versions| versions.values())
+        .map(|m| json!({"name": m.name, "version": m.version.to_string(), "state": "READY"}))
         .collect();
-    entries.sort_by(|a, b| a["name"].as_str().cmp(&b["name"].as_str()));
+    entries
+        .sort_by(|a, b| (a["name"].as_str(), a["version"].as_str()).cmp(&(b["name"].as_str(), b["version"].as_str())));
     Value::Array(entries)
 }
 
