@@ -6,6 +6,7 @@ mod config;
 mod error;
 mod http;
 mod kserve;
+mod listen;
 mod metrics;
 mod model;
 mod preprocess;
@@ -18,9 +19,6 @@ use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 
-use hyper::service::service_fn;
-use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
-use hyper_util::server::conn::auto;
 use hyper_util::server::graceful::GracefulShutdown;
 use tokio::net::TcpListener;
 
@@ -55,6 +53,8 @@ pub struct Limits {
     pub max_tensor_elements: usize,
     /// Time a client has to send its request headers (slow-client protection).
     pub header_read_timeout: Duration,
+    /// Open connections at most; more are closed on accept.
+    pub max_connections: usize,
 }
 
 impl Default for Limits {
@@ -64,6 +64,7 @@ impl Default for Limits {
             max_batch_files: 64,
             max_tensor_elements: 16 << 20,
             header_read_timeout: Duration::from_secs(10),
+            max_connections: 10_000,
         }
     }
 }
@@ -88,6 +89,12 @@ impl std::fmt::Debug for AuthConfig {
 }
 
 #[derive(Debug, Clone)]
+pub struct TlsFiles {
+    pub cert: PathBuf,
+    pub key: PathBuf,
+}
+
+#[derive(Debug, Clone)]
 pub struct ServerConfig {
     pub addr: SocketAddr,
     pub model_repository: PathBuf,
@@ -95,6 +102,8 @@ pub struct ServerConfig {
     pub ort_library: PathBuf,
     pub limits: Limits,
     pub auth: AuthConfig,
+    /// Serve HTTPS (HTTP/1.1 and HTTP/2 by ALPN) with this PEM certificate chain and key.
+    pub tls: Option<TlsFiles>,
     /// How long shutdown waits for open connections before closing them.
     pub drain_timeout: Duration,
 }
@@ -108,6 +117,7 @@ impl ServerConfig {
             ort_library: ort_library.into(),
             limits: Limits::default(),
             auth: AuthConfig::default(),
+            tls: None,
             drain_timeout: Duration::from_secs(30),
         }
     }
@@ -124,16 +134,24 @@ pub(crate) struct AppState {
 
 /// A bound, loaded server: models are ready and the socket accepts connections once
 /// [`Server::serve`] runs.
-#[derive(Debug)]
 pub struct Server {
     listener: TcpListener,
     state: Arc<AppState>,
+    tls: Option<tokio_rustls::TlsAcceptor>,
     drain_timeout: Duration,
+}
+
+impl std::fmt::Debug for Server {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Server").field("listener", &self.listener).field("tls", &self.tls.is_some()).finish()
+    }
 }
 
 impl Server {
     /// Loads every model of the repository, then binds the socket (port 0 picks a free one).
     pub async fn bind(config: ServerConfig) -> Result<Self, ServerError> {
+        // TLS files are checked before any model loads, so a typo fails fast.
+        let tls = config.tls.as_ref().map(|t| listen::tls_acceptor(&t.cert, &t.key)).transpose()?;
         let repo = config.model_repository.clone();
         let ort = config.ort_library.clone();
         let metrics = metrics::Metrics::new();
@@ -157,7 +175,11 @@ impl Server {
         let listener =
             TcpListener::bind(config.addr).await.map_err(|source| ServerError::Bind { addr: config.addr, source })?;
         let state = Arc::new(AppState { repository, default_model, limits: config.limits, auth: config.auth, metrics });
-        Ok(Self { listener, state, drain_timeout: config.drain_timeout })
+        Ok(Self { listener, state, tls, drain_timeout: config.drain_timeout })
+    }
+
+    pub fn is_tls(&self) -> bool {
+        self.tls.is_some()
     }
 
     pub fn local_addr(&self) -> Result<SocketAddr, ServerError> {
@@ -167,16 +189,8 @@ impl Server {
     /// Serves until `shutdown` resolves, then stops accepting, lets open connections
     /// finish (up to the drain timeout) and drains every model's queue.
     pub async fn serve(self, shutdown: impl Future<Output = ()>) -> Result<(), ServerError> {
-        let mut builder = auto::Builder::new(TokioExecutor::new());
-        builder.http1().timer(TokioTimer::new()).header_read_timeout(self.state.limits.header_read_timeout);
-        // hyper's default 64 KiB-1 MiB windows throttle multi-megabyte tensor uploads.
-        builder
-            .http2()
-            .timer(TokioTimer::new())
-            .initial_stream_window_size(8 << 20)
-            .initial_connection_window_size(32 << 20)
-            .max_frame_size(1 << 20)
-            .max_concurrent_streams(1024);
+        let builder = listen::http_builder(&self.state.limits);
+        let connections = Arc::new(tokio::sync::Semaphore::new(self.state.limits.max_connections));
         let graceful = GracefulShutdown::new();
         tokio::pin!(shutdown);
         loop {
@@ -191,16 +205,19 @@ impl Server {
                             continue;
                         }
                     };
-                    let _ = stream.set_nodelay(true);
-                    let state = Arc::clone(&self.state);
-                    let service = service_fn(move |req| http::handle(Arc::clone(&state), req));
-                    let conn = builder.serve_connection(TokioIo::new(stream), service).into_owned();
-                    let conn = graceful.watch(conn);
-                    tokio::spawn(async move {
-                        if let Err(e) = conn.await {
-                            tracing::debug!(error = %e, "connection ended with an error");
-                        }
-                    });
+                    // Over the cap, close at once rather than queue sockets without bound.
+                    let Ok(permit) = Arc::clone(&connections).try_acquire_owned() else {
+                        tracing::warn!("connection limit reached; refusing a connection");
+                        continue;
+                    };
+                    listen::spawn_connection(
+                        stream,
+                        self.tls.clone(),
+                        builder.clone(),
+                        graceful.watcher(),
+                        Arc::clone(&self.state),
+                        permit,
+                    );
                 }
                 () = &mut shutdown => break,
             }

@@ -4,7 +4,7 @@ use std::path::PathBuf;
 
 use anyhow::Context;
 use clap::{Args, Parser, Subcommand};
-use kiln_server::{Limits, Server, ServerConfig};
+use kiln_server::{Limits, Server, ServerConfig, TlsFiles};
 
 /// kiln: a high-performance deep-learning inference server.
 #[derive(Parser, Debug)]
@@ -53,6 +53,15 @@ struct ServeArgs {
     /// Enables `POST /v2/repository/models/{name}/load|unload`, guarded by this token.
     #[arg(long, env = "KILN_ADMIN_TOKEN", hide_env_values = true)]
     admin_token: Option<String>,
+    /// PEM certificate chain: serve HTTPS (HTTP/2 and HTTP/1.1 by ALPN). Needs --tls-key.
+    #[arg(long, env = "KILN_TLS_CERT", requires = "tls_key")]
+    tls_cert: Option<PathBuf>,
+    /// PEM private key for --tls-cert.
+    #[arg(long, env = "KILN_TLS_KEY", requires = "tls_cert")]
+    tls_key: Option<PathBuf>,
+    /// Most open connections; more are closed on accept.
+    #[arg(long, env = "KILN_MAX_CONNECTIONS", default_value_t = 10_000)]
+    max_connections: usize,
 }
 
 fn main() -> anyhow::Result<()> {
@@ -74,14 +83,19 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
         max_body_bytes: args.max_body_bytes,
         max_batch_files: args.max_batch_files,
         max_tensor_elements: args.max_tensor_elements,
+        max_connections: args.max_connections.max(1),
         ..Limits::default()
     };
+    if let (Some(cert), Some(key)) = (args.tls_cert, args.tls_key) {
+        config.tls = Some(TlsFiles { cert, key });
+    }
     config.auth.inference_token = args.auth_token.filter(|t| !t.is_empty());
     config.auth.admin_token = args.admin_token.filter(|t| !t.is_empty());
     let server = Server::bind(config).await.context("kiln serve could not start")?;
     let addr = server.local_addr()?;
+    let scheme = if server.is_tls() { "https" } else { "http" };
     // Scripts and tests read this line to find the port when --port 0 was given.
-    println!("kiln listening on http://{addr}");
+    println!("kiln listening on {scheme}://{addr}");
     std::io::stdout().flush()?;
     server.serve(shutdown_signal()).await?;
     tracing::info!("stopped");
