@@ -7,6 +7,8 @@ use serde::Serialize;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum ErrorKind {
+    InvalidRequest,
+    RequestTimeout,
     Unauthorized,
     Forbidden,
     LoadFailed,
@@ -31,6 +33,8 @@ impl ErrorKind {
     pub fn status(self) -> StatusCode {
         match self {
             Self::Unauthorized => StatusCode::UNAUTHORIZED,
+            Self::InvalidRequest => StatusCode::BAD_REQUEST,
+            Self::RequestTimeout => StatusCode::REQUEST_TIMEOUT,
             Self::Forbidden => StatusCode::FORBIDDEN,
             Self::LoadFailed => StatusCode::BAD_REQUEST,
             Self::NotFound | Self::ModelNotFound => StatusCode::NOT_FOUND,
@@ -53,6 +57,8 @@ impl ErrorKind {
     pub fn type_name(self) -> &'static str {
         match self {
             Self::Unauthorized => "unauthorized",
+            Self::InvalidRequest => "invalid_request",
+            Self::RequestTimeout => "request_timeout",
             Self::Forbidden => "forbidden",
             Self::LoadFailed => "load_failed",
             Self::NotFound => "not_found",
@@ -126,6 +132,8 @@ mod tests {
     #[test]
     fn every_kind_maps_to_an_error_status() {
         let kinds = [
+            ErrorKind::InvalidRequest,
+            ErrorKind::RequestTimeout,
             ErrorKind::Unauthorized,
             ErrorKind::Forbidden,
             ErrorKind::LoadFailed,

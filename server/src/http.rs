@@ -14,11 +14,11 @@ use hyper::body::Incoming;
 use kiln_batcher::InferOptions;
 use serde::Serialize;
 
-use crate::AppState;
 use crate::classify::{Classifier, Prediction};
 use crate::error::{ApiError, ErrorBody, ErrorKind};
 use crate::model::{Model, ModelInput};
 use crate::preprocess::{self, ImageError};
+use crate::{AppState, Limits};
 
 pub type HttpResponse = Response<Full<Bytes>>;
 
@@ -186,30 +186,35 @@ pub(crate) fn select_model(state: &AppState, query: Option<&str>) -> Result<Arc<
 
 /// Reads the whole body, refusing (413) anything over `limit` — by the declared length
 /// before reading, and by the bytes actually received for chunked bodies.
-pub(crate) async fn read_body(req: Request<Incoming>, limit: usize) -> Result<Bytes, ApiError> {
+pub(crate) async fn read_body(req: Request<Incoming>, limits: &Limits) -> Result<Bytes, ApiError> {
+    let limit = limits.max_body_bytes;
     let too_large = || ApiError::new(ErrorKind::PayloadTooLarge, format!("the request body exceeds {limit} bytes"));
     let declared = req.headers().get(CONTENT_LENGTH).and_then(|v| v.to_str().ok()?.parse::<u64>().ok());
     if declared.is_some_and(|n| n > limit as u64) {
         return Err(too_large());
     }
-    let body = Limited::new(req.into_body(), limit).collect().await.map_err(|e| {
-        if e.downcast_ref::<LengthLimitError>().is_some() {
-            too_large()
-        } else {
-            ApiError::new(ErrorKind::InvalidMultipart, "the request body could not be read")
-        }
-    })?;
+    // A client trickling its body must not hold a connection and a buffer forever.
+    let collect = Limited::new(req.into_body(), limit).collect();
+    let body = tokio::time::timeout(limits.body_read_timeout, collect)
+        .await
+        .map_err(|_| ApiError::new(ErrorKind::RequestTimeout, "the request body was not received in time"))?
+        .map_err(|e| {
+            if e.downcast_ref::<LengthLimitError>().is_some() {
+                too_large()
+            } else {
+                ApiError::new(ErrorKind::InvalidRequest, "the request body could not be read")
+            }
+        })?;
     Ok(body.to_bytes())
 }
 
 /// Reads the multipart body and returns the contents of every `field` part, in order.
 async fn read_files(state: &AppState, req: Request<Incoming>, arity: Arity) -> Result<Vec<Bytes>, ApiError> {
-    let limit = state.limits.max_body_bytes;
     let content_type = req.headers().get(CONTENT_TYPE).and_then(|v| v.to_str().ok()).unwrap_or_default();
     let boundary = multer::parse_boundary(content_type).map_err(|_| {
         ApiError::new(ErrorKind::UnsupportedMediaType, "expected a multipart/form-data body with a boundary")
     })?;
-    let body = read_body(req, limit).await?;
+    let body = read_body(req, &state.limits).await?;
     let stream = futures_util::stream::once(async move { Ok::<Bytes, Infallible>(body) });
     let mut multipart = multer::Multipart::new(stream, boundary);
     let bad = |e: multer::Error| ApiError::new(ErrorKind::InvalidMultipart, format!("malformed multipart body: {e}"));

@@ -55,6 +55,8 @@ pub struct Limits {
     pub header_read_timeout: Duration,
     /// Open connections at most; more are closed on accept.
     pub max_connections: usize,
+    /// Time a client has to send a whole request body once its headers arrived.
+    pub body_read_timeout: Duration,
 }
 
 impl Default for Limits {
@@ -65,6 +67,7 @@ impl Default for Limits {
             max_tensor_elements: 16 << 20,
             header_read_timeout: Duration::from_secs(10),
             max_connections: 10_000,
+            body_read_timeout: Duration::from_secs(30),
         }
     }
 }

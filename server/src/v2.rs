@@ -231,7 +231,7 @@ async fn infer(state: &AppState, model: &Arc<Model>, req: Request<Incoming>) -> 
             ApiError::new(ErrorKind::InvalidParameter, "Inference-Header-Content-Length must be a byte count")
         })?),
     };
-    let body: Bytes = read_body(req, state.limits.max_body_bytes).await?;
+    let body: Bytes = read_body(req, &state.limits).await?;
     let limits = DecodeLimits { max_tensor_elements: state.limits.max_tensor_elements, max_inputs: 64 };
     let mut request = kserve::decode_infer_request(body, header_len, &limits)?;
     let options = options(&request.parameters)?;
