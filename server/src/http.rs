@@ -89,8 +89,12 @@ async fn route(state: &AppState, req: Request<Incoming>) -> Result<HttpResponse,
     }
 }
 
-/// Liveness, readiness and metrics stay open so orchestrators and scrapers need no token.
+/// Liveness, readiness and metrics stay open so orchestrators and scrapers need no token;
+/// model management checks the admin token itself instead of the inference token.
 fn is_public(path: &str) -> bool {
+    if path.starts_with("/v2/repository/models/") {
+        return true;
+    }
     matches!(path, "/health" | "/metrics" | "/openapi.json" | "/v2/health/live" | "/v2/health/ready")
 }
 

@@ -72,7 +72,13 @@ pub(crate) fn spawn_connection(
     tokio::spawn(async move {
         let _permit = permit;
         match tls {
-            None => serve(stream, &builder, watcher, state).await,
+            None => {
+                // hyper's header timeout only starts once HTTP/1 or HTTP/2 is chosen; a client
+                // that never gets that far would otherwise hold its slot forever.
+                if first_bytes_arrive(&stream, state.limits.header_read_timeout).await {
+                    serve(stream, &builder, watcher, state).await;
+                }
+            }
             Some(acceptor) => match tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(stream)).await {
                 Ok(Ok(tls_stream)) => serve(tls_stream, &builder, watcher, state).await,
                 Ok(Err(e)) => tracing::debug!(error = %e, "TLS handshake failed"),
@@ -80,6 +86,25 @@ pub(crate) fn spawn_connection(
             },
         }
     });
+}
+
+const H2_PREFACE: &[u8] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
+
+/// True once the client has sent enough to tell HTTP/1 from HTTP/2 (any byte that is
+/// not the start of the HTTP/2 preface, or the whole preface) within `deadline`.
+async fn first_bytes_arrive(stream: &TcpStream, deadline: Duration) -> bool {
+    let wait = async {
+        let mut buf = [0u8; 24];
+        loop {
+            match stream.peek(&mut buf).await {
+                Ok(0) | Err(_) => return false,
+                Ok(n) if n >= H2_PREFACE.len() || buf[..n] != H2_PREFACE[..n] => return true,
+                // A partial preface: peek would return at once again, so pause briefly.
+                Ok(_) => tokio::time::sleep(Duration::from_millis(5)).await,
+            }
+        }
+    };
+    tokio::time::timeout(deadline, wait).await.unwrap_or(false)
 }
 
 async fn serve<I>(io: I, builder: &auto::Builder<TokioExecutor>, watcher: Watcher, state: Arc<AppState>)

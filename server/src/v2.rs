@@ -40,6 +40,7 @@ pub async fn route(state: &AppState, req: Request<Incoming>) -> Result<HttpRespo
                     Ok(json_response(StatusCode::OK, &body))
                 }
                 ["stats"] => Ok(json_response(StatusCode::OK, &statistics(&model))),
+                ["infer"] => Err(wrong_method(&method)),
                 _ => Err(not_found()),
             }
         }
@@ -47,6 +48,7 @@ pub async fn route(state: &AppState, req: Request<Incoming>) -> Result<HttpRespo
             let (model, rest) = resolve(state, name, rest)?;
             match rest {
                 ["infer"] => infer(state, &model, req).await,
+                [] | ["ready"] | ["stats"] => Err(wrong_method(&method)),
                 _ => Err(not_found()),
             }
         }
@@ -56,9 +58,7 @@ pub async fn route(state: &AppState, req: Request<Incoming>) -> Result<HttpRespo
             let action = *action;
             manage(state, &req, name, action).await
         }
-        (_, ["health", _] | [] | ["models", ..] | ["repository", ..]) => {
-            Err(ApiError::new(ErrorKind::MethodNotAllowed, format!("{method} is not allowed here")))
-        }
+        (_, ["health", _] | [] | ["models", ..] | ["repository", ..]) => Err(wrong_method(&method)),
         _ => Err(not_found()),
     }
 }
@@ -100,6 +100,10 @@ async fn manage(
             ))
         }
     }
+}
+
+fn wrong_method(method: &Method) -> ApiError {
+    ApiError::new(ErrorKind::MethodNotAllowed, format!("{method} is not allowed here"))
 }
 
 fn not_found() -> ApiError {
