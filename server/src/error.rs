@@ -30,6 +30,30 @@ pub enum ErrorKind {
 }
 
 impl ErrorKind {
+    /// Every kind, for documents and tests that must cover them all.
+    pub const ALL: [ErrorKind; 20] = [
+        ErrorKind::InvalidRequest,
+        ErrorKind::RequestTimeout,
+        ErrorKind::Unauthorized,
+        ErrorKind::Forbidden,
+        ErrorKind::LoadFailed,
+        ErrorKind::NotFound,
+        ErrorKind::MethodNotAllowed,
+        ErrorKind::UnsupportedMediaType,
+        ErrorKind::InvalidMultipart,
+        ErrorKind::MissingField,
+        ErrorKind::EmptyFile,
+        ErrorKind::InvalidImage,
+        ErrorKind::TooManyFiles,
+        ErrorKind::PayloadTooLarge,
+        ErrorKind::ModelNotFound,
+        ErrorKind::InvalidParameter,
+        ErrorKind::Timeout,
+        ErrorKind::Overloaded,
+        ErrorKind::Unavailable,
+        ErrorKind::Internal,
+    ];
+
     pub fn status(self) -> StatusCode {
         match self {
             Self::Unauthorized => StatusCode::UNAUTHORIZED,
@@ -131,29 +155,7 @@ mod tests {
 
     #[test]
     fn every_kind_maps_to_an_error_status() {
-        let kinds = [
-            ErrorKind::InvalidRequest,
-            ErrorKind::RequestTimeout,
-            ErrorKind::Unauthorized,
-            ErrorKind::Forbidden,
-            ErrorKind::LoadFailed,
-            ErrorKind::NotFound,
-            ErrorKind::MethodNotAllowed,
-            ErrorKind::UnsupportedMediaType,
-            ErrorKind::InvalidMultipart,
-            ErrorKind::MissingField,
-            ErrorKind::EmptyFile,
-            ErrorKind::InvalidImage,
-            ErrorKind::TooManyFiles,
-            ErrorKind::PayloadTooLarge,
-            ErrorKind::ModelNotFound,
-            ErrorKind::InvalidParameter,
-            ErrorKind::Timeout,
-            ErrorKind::Overloaded,
-            ErrorKind::Unavailable,
-            ErrorKind::Internal,
-        ];
-        for kind in kinds {
+        for kind in ErrorKind::ALL {
             let status = kind.status();
             assert!(status.is_client_error() || status.is_server_error(), "{kind:?}");
             assert!(!kind.type_name().is_empty());

@@ -50,28 +50,7 @@ const METHODS: &[&str] = &["get", "put", "post", "delete", "options", "head", "p
 /// Every error kind; the exhaustive match makes a new variant a compile error here.
 fn all_error_kinds() -> Vec<ErrorKind> {
     use ErrorKind::*;
-    let kinds = vec![
-        InvalidRequest,
-        RequestTimeout,
-        Unauthorized,
-        Forbidden,
-        LoadFailed,
-        NotFound,
-        MethodNotAllowed,
-        UnsupportedMediaType,
-        InvalidMultipart,
-        MissingField,
-        EmptyFile,
-        InvalidImage,
-        TooManyFiles,
-        PayloadTooLarge,
-        ModelNotFound,
-        InvalidParameter,
-        Timeout,
-        Overloaded,
-        Unavailable,
-        Internal,
-    ];
+    let kinds = ErrorKind::ALL.to_vec();
     for kind in &kinds {
         match kind {
             InvalidRequest | RequestTimeout | Unauthorized | Forbidden | LoadFailed | NotFound | MethodNotAllowed

@@ -357,7 +357,7 @@ fn main() -> anyhow::Result<()> {
     let report = Report {
         started_utc: utc(unix_time),
         unix_time,
-        machine: machine(),
+        machine: kiln_bench::machine(),
         settings,
         overhead_latency,
         overhead_rate,
@@ -373,19 +373,6 @@ fn main() -> anyhow::Result<()> {
         .with_context(|| format!("writing {}", args.out.display()))?;
     println!("\nwrote {} ({:.0} s)", args.out.display(), report.total_seconds);
     Ok(())
-}
-
-fn machine() -> String {
-    let cpus = std::thread::available_parallelism().map(|n| n.get()).unwrap_or(0);
-    let model = std::fs::read_to_string("/proc/cpuinfo")
-        .ok()
-        .and_then(|s| {
-            s.lines()
-                .find(|l| l.starts_with("model name"))
-                .map(|l| l.split(':').nth(1).unwrap_or("").trim().to_string())
-        })
-        .unwrap_or_else(|| "unknown CPU".into());
-    format!("{cpus} cores, {model}")
 }
 
 /// `YYYY-MM-DD HH:MM:SS UTC` from Unix seconds (days-to-civil, proleptic Gregorian).

@@ -68,7 +68,7 @@ fn main() -> anyhow::Result<()> {
     let engine = bench_engine(&args, phase)?;
     let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
     let http = runtime.block_on(bench_http(&args, phase))?;
-    let report = Report { machine: machine(), model: MODEL, engine, http };
+    let report = Report { machine: kiln_bench::machine(), model: MODEL, engine, http };
     print_table(&report);
     if let Some(dir) = args.out.parent() {
         std::fs::create_dir_all(dir)?;
@@ -76,19 +76,6 @@ fn main() -> anyhow::Result<()> {
     std::fs::write(&args.out, serde_json::to_vec_pretty(&report)?)?;
     println!("\nwrote {}", args.out.display());
     Ok(())
-}
-
-fn machine() -> String {
-    let cpus = std::thread::available_parallelism().map(|n| n.get()).unwrap_or(0);
-    let model = std::fs::read_to_string("/proc/cpuinfo")
-        .ok()
-        .and_then(|s| {
-            s.lines()
-                .find(|l| l.starts_with("model name"))
-                .map(|l| l.split(':').nth(1).unwrap_or("").trim().to_string())
-        })
-        .unwrap_or_else(|| "unknown CPU".into());
-    format!("{cpus} cores, {model}")
 }
 
 fn bench_engine(args: &Args, phase: Duration) -> anyhow::Result<Vec<EngineRow>> {
