@@ -200,6 +200,14 @@ impl<E: Executor> Batcher<E> {
         if items <= max {
             return self.infer_one(input, items, options).await;
         }
+        // Each part takes a queue slot: refuse before allocating parts that could never fit.
+        let parts = items.div_ceil(max);
+        if parts > self.config.max_queue_size {
+            return Err(BatchError::BadItemCount {
+                items,
+                reason: format!("it would need {parts} batches; the queue holds {}", self.config.max_queue_size),
+            });
+        }
         let sizes: Vec<usize> = (0..items).step_by(max).map(|start| max.min(items - start)).collect();
         let parts = input.split(&sizes).map_err(|e| BatchError::BadItemCount { items, reason: e.0 })?;
         let futures = parts.into_iter().zip(sizes).map(|(part, n)| self.infer_one(part, n, options));

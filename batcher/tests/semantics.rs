@@ -838,3 +838,18 @@ async fn the_scheduler_does_not_spin_while_waiting_out_the_delay() -> TestResult
     assert!(busiest < 10, "the scheduler used {busiest} ticks of CPU during a 300 ms wait");
     Ok(())
 }
+
+/// A request that would need more parts than the queue can ever hold is refused before
+/// any part is built (a client controls the item count).
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_request_too_large_to_ever_queue_is_refused_up_front() -> TestResult {
+    let spec = Spec::default();
+    let batcher = start(config(2, 4, 1, ms(1)), &spec)?;
+    let refused = batcher.infer(Items((0..9).collect())).await;
+    assert!(matches!(refused, Err(BatchError::BadItemCount { items: 9, .. })), "{refused:?}");
+    assert!(spec.batches().is_empty(), "parts of a refused request ran");
+    // Eight items need four parts: exactly the queue's size, so it is admitted.
+    let items: Vec<u64> = (0..8).collect();
+    assert_eq!(batcher.infer(Items(items.clone())).await?, items);
+    Ok(())
+}

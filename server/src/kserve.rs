@@ -96,8 +96,27 @@ impl<'de> Deserialize<'de> for FlatData {
     }
 }
 
+thread_local! {
+    /// JSON elements the request being parsed may still hold. Untyped elements cost 24
+    /// bytes each before the shape can be checked, so the parse itself must be bounded;
+    /// parsing is synchronous on one thread, which makes a thread-local budget exact.
+    static JSON_BUDGET: std::cell::Cell<usize> = const { std::cell::Cell::new(usize::MAX) };
+}
+
 /// Appends one JSON value to the vector, recursing into arrays (serde_json bounds the depth).
 struct Flatten<'a>(&'a mut Vec<Scalar>);
+
+impl Flatten<'_> {
+    fn push<E: de::Error>(self, v: Scalar) -> Result<(), E> {
+        let left = JSON_BUDGET.with(std::cell::Cell::get);
+        if left == 0 {
+            return Err(E::custom("tensor data has more elements than the server accepts"));
+        }
+        JSON_BUDGET.with(|b| b.set(left - 1));
+        self.0.push(v);
+        Ok(())
+    }
+}
 
 impl<'de> DeserializeSeed<'de> for Flatten<'_> {
     type Value = ();
@@ -112,28 +131,22 @@ impl<'de> Visitor<'de> for Flatten<'_> {
         f.write_str("tensor data (numbers, booleans, strings or nested arrays of them)")
     }
     fn visit_bool<E: de::Error>(self, v: bool) -> Result<(), E> {
-        self.0.push(Scalar::Bool(v));
-        Ok(())
+        self.push(Scalar::Bool(v))
     }
     fn visit_i64<E: de::Error>(self, v: i64) -> Result<(), E> {
-        self.0.push(Scalar::Int(v));
-        Ok(())
+        self.push(Scalar::Int(v))
     }
     fn visit_u64<E: de::Error>(self, v: u64) -> Result<(), E> {
-        self.0.push(Scalar::UInt(v));
-        Ok(())
+        self.push(Scalar::UInt(v))
     }
     fn visit_f64<E: de::Error>(self, v: f64) -> Result<(), E> {
-        self.0.push(Scalar::Float(v));
-        Ok(())
+        self.push(Scalar::Float(v))
     }
     fn visit_str<E: de::Error>(self, v: &str) -> Result<(), E> {
-        self.0.push(Scalar::Str(v.into()));
-        Ok(())
+        self.push(Scalar::Str(v.into()))
     }
     fn visit_string<E: de::Error>(self, v: String) -> Result<(), E> {
-        self.0.push(Scalar::Str(v.into_boxed_str()));
-        Ok(())
+        self.push(Scalar::Str(v.into_boxed_str()))
     }
     fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<(), A::Error> {
         while seq.next_element_seed(Flatten(&mut *self.0))?.is_some() {}
@@ -174,6 +187,7 @@ pub fn decode_infer_request(
     header_len: Option<usize>,
     limits: &DecodeLimits,
 ) -> Result<InferRequest, ApiError> {
+    JSON_BUDGET.with(|b| b.set(limits.max_tensor_elements));
     let (header, mut binary) = match header_len {
         None => (&body[..], None),
         Some(n) => {

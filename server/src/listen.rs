@@ -54,7 +54,10 @@ pub(crate) fn http_builder(limits: &Limits) -> auto::Builder<TokioExecutor> {
         .initial_stream_window_size(8 << 20)
         .initial_connection_window_size(32 << 20)
         .max_frame_size(1 << 20)
-        .max_concurrent_streams(1024);
+        .max_concurrent_streams(1024)
+        // Pings find dead peers, so their connections do not hold a permit forever.
+        .keep_alive_interval(Duration::from_secs(30))
+        .keep_alive_timeout(Duration::from_secs(10));
     builder
 }
 

@@ -157,6 +157,18 @@ impl Model {
             BackendKind::Onnxruntime => OrtBackend::load(runtime, &model_file, &options)?,
         };
         let metadata = probe.metadata().clone();
+        // Requests are stacked along axis 0, so batching needs it dynamic everywhere.
+        if config.max_batch_size > 1 {
+            let fixed =
+                metadata.inputs.iter().chain(&metadata.outputs).find(|t| t.shape.first() != Some(&Dim::Dynamic));
+            if let Some(t) = fixed {
+                return Err(bad(format!(
+                    "max_batch_size: {:?} has no dynamic batch axis {:?}; set max_batch_size = 1 or export it with one",
+                    t.name,
+                    t.shape_i64()
+                )));
+            }
+        }
         let classifier = match (&config.input, &config.output) {
             (Some(input), Some(output)) => Some(Classifier::new(dir, input, output, config, &metadata).map_err(bad)?),
             _ => None,

@@ -7,7 +7,7 @@
 
 use std::collections::{BTreeMap, HashMap};
 use std::path::{Path, PathBuf};
-use std::sync::{Arc, PoisonError, RwLock};
+use std::sync::{Arc, Mutex, PoisonError, RwLock};
 
 use crate::ServerError;
 use crate::error::{ApiError, ErrorKind};
@@ -23,6 +23,8 @@ pub(crate) struct Repository {
     ort_library: PathBuf,
     metrics: Arc<Metrics>,
     table: RwLock<Arc<HashMap<String, Versions>>>,
+    /// Serialises load/unload so a slow load cannot resurrect a model unloaded meanwhile.
+    admin: Mutex<()>,
 }
 
 /// Model names are directory names under the repository: one plain path component.
@@ -56,6 +58,7 @@ impl Repository {
             ort_library: ort_library.to_path_buf(),
             metrics,
             table: RwLock::new(Arc::new(HashMap::new())),
+            admin: Mutex::new(()),
         };
         let mut table = HashMap::new();
         for dir in dirs {
@@ -106,6 +109,7 @@ impl Repository {
         if !dir.join("config.toml").is_file() {
             return Err(ServerError::Repository { path: dir, reason: "no such model directory".into() });
         }
+        let _admin = self.admin.lock().unwrap_or_else(PoisonError::into_inner);
         let versions = self.load_dir(&dir)?;
         let retired = self.swap(name, Some(versions));
         self.mark_retired(name, retired);
@@ -114,6 +118,7 @@ impl Repository {
 
     /// Stops serving `name`; in-flight requests still finish. False if it was not loaded.
     pub(crate) fn unload(&self, name: &str) -> bool {
+        let _admin = self.admin.lock().unwrap_or_else(PoisonError::into_inner);
         match self.swap(name, None) {
             Some(old) => {
                 self.mark_retired(name, Some(old));

@@ -9,7 +9,7 @@ use http::header::CONTENT_TYPE;
 use http::{HeaderValue, Method, Request, StatusCode};
 use hyper::body::Incoming;
 use kiln_batcher::InferOptions;
-use kiln_engine::{Dim, Tensor, TensorSpec};
+use kiln_engine::{Dim, Tensor, TensorData, TensorSpec};
 use serde_json::{Value, json};
 
 use crate::AppState;
@@ -79,7 +79,12 @@ async fn manage(
         return Err(ApiError::new(ErrorKind::ModelNotFound, "unknown model"));
     }
     if action == "unload" {
-        if !state.repository.unload(&name) {
+        // Dropping the last handle of a model joins its threads: keep that off the workers.
+        let repository = Arc::clone(&state.repository);
+        let target = name.clone();
+        let unloaded =
+            tokio::task::spawn_blocking(move || repository.unload(&target)).await.map_err(ApiError::internal)?;
+        if !unloaded {
             return Err(ApiError::new(ErrorKind::ModelNotFound, "unknown model"));
         }
         tracing::info!(model = %name, "model unloaded");
@@ -225,6 +230,12 @@ fn check_tensor(spec: &TensorSpec, tensor: &Tensor) -> Result<(), String> {
     if shape.first() == Some(&0) {
         return Err("the batch axis is empty".into());
     }
+    // ONNX strings are UTF-8: refuse here, not inside a batch shared with other clients.
+    if let TensorData::Bytes(items) = tensor.data()
+        && items.iter().any(|b| std::str::from_utf8(b).is_err())
+    {
+        return Err("BYTES elements must be UTF-8 for this model".into());
+    }
     Ok(())
 }
 
@@ -237,29 +248,33 @@ async fn infer(state: &AppState, model: &Arc<Model>, req: Request<Incoming>) -> 
     };
     let body: Bytes = read_body(req, &state.limits).await?;
     let limits = DecodeLimits { max_tensor_elements: state.limits.max_tensor_elements, max_inputs: 64 };
-    let mut request = kserve::decode_infer_request(body, header_len, &limits)?;
+    // Parsing up to max_body_bytes of JSON is CPU work: keep it off the async workers.
+    let mut request = tokio::task::spawn_blocking(move || kserve::decode_infer_request(body, header_len, &limits))
+        .await
+        .map_err(ApiError::internal)??;
     let options = options(&request.parameters)?;
-    let input = model_input(model, &mut request)?;
-    let outputs = model.batcher.infer_with(input, options).await?;
-
+    // Resolve requested outputs before spending compute on the request.
     let specs = &model.metadata.outputs;
-    let selected: Vec<InferOutput<'_>> = match &request.outputs {
-        None => specs
-            .iter()
-            .zip(&outputs)
-            .map(|(spec, tensor)| InferOutput { name: &spec.name, tensor, binary: request.binary_outputs_default })
-            .collect(),
+    let selection: Vec<(usize, bool)> = match &request.outputs {
+        None => (0..specs.len()).map(|i| (i, request.binary_outputs_default)).collect(),
         Some(wanted) => wanted
             .iter()
             .map(|w| {
-                let i = specs.iter().position(|s| s.name == w.name).ok_or_else(|| {
+                specs.iter().position(|s| s.name == w.name).map(|i| (i, w.binary)).ok_or_else(|| {
                     ApiError::new(ErrorKind::InvalidParameter, format!("the model has no output {:?}", w.name))
-                })?;
-                let tensor = outputs.get(i).ok_or_else(|| ApiError::internal("output count mismatch"))?;
-                Ok(InferOutput { name: &specs[i].name, tensor, binary: w.binary })
+                })
             })
-            .collect::<Result<_, ApiError>>()?,
+            .collect::<Result<_, _>>()?,
     };
+    let input = model_input(model, &mut request)?;
+    let outputs = model.batcher.infer_with(input, options).await?;
+    let selected = selection
+        .into_iter()
+        .map(|(i, binary)| {
+            let tensor = outputs.get(i).ok_or_else(|| ApiError::internal("output count mismatch"))?;
+            Ok(InferOutput { name: &specs[i].name, tensor, binary })
+        })
+        .collect::<Result<Vec<_>, ApiError>>()?;
     let version = model.version.to_string();
     let (body, json_len) = kserve::encode_infer_response(&model.name, &version, request.id.as_deref(), &selected);
     let mut resp = json_response(StatusCode::OK, &());
@@ -270,4 +285,25 @@ async fn infer(state: &AppState, model: &Arc<Model>, req: Request<Incoming>) -> 
         headers.insert(HEADER_LEN, HeaderValue::from(n));
     }
     Ok(resp)
+}
+
+#[cfg(test)]
+mod tests {
+    use kiln_engine::{DType, Dim, Tensor, TensorData, TensorSpec};
+
+    use super::check_tensor;
+
+    #[test]
+    fn check_tensor_refuses_what_would_fail_a_shared_batch() -> Result<(), Box<dyn std::error::Error>> {
+        let spec = TensorSpec { name: "s".into(), dtype: DType::Bytes, shape: vec![Dim::Dynamic, Dim::Fixed(2)] };
+        let good = Tensor::new(vec![1, 2], TensorData::Bytes(vec![b"ok".to_vec(), "é".as_bytes().to_vec()]))?;
+        assert!(check_tensor(&spec, &good).is_ok());
+        let not_utf8 = Tensor::new(vec![1, 2], TensorData::Bytes(vec![b"ok".to_vec(), vec![0xff, 0xfe]]))?;
+        assert!(check_tensor(&spec, &not_utf8).is_err_and(|e| e.contains("UTF-8")));
+        let wrong_shape = Tensor::new(vec![1, 1], TensorData::Bytes(vec![b"x".to_vec()]))?;
+        assert!(check_tensor(&spec, &wrong_shape).is_err());
+        let empty = Tensor::new(vec![0, 2], TensorData::Bytes(vec![]))?;
+        assert!(check_tensor(&spec, &empty).is_err());
+        Ok(())
+    }
 }
