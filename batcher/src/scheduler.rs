@@ -127,12 +127,11 @@ impl<E: Executor> Scheduler<E> {
     /// How many items to dispatch now, or `None` to keep waiting. Early dispatch at a
     /// preferred size happens only when the requests next in line make up exactly that
     /// size (a trial take, put back), so a batch is never sealed at an arbitrary size.
-    fn dispatch_limit(&mut self, due: bool) -> Option<usize> {
+    fn dispatch_limit(&mut self, now: Instant, due: bool) -> Option<usize> {
         let items = self.pending.items();
         if items >= self.max || due || self.closed {
             return Some(self.max);
         }
-        let now = Instant::now();
         for i in (0..self.preferred.len()).rev() {
             let p = self.preferred[i];
             if p > items {
@@ -164,7 +163,7 @@ impl<E: Executor> Scheduler<E> {
             let Some(oldest) = self.pending.oldest() else { continue };
             let due_at = oldest + self.delay.current();
             let now = Instant::now();
-            if self.dispatch_limit(now >= due_at).is_none() {
+            if self.dispatch_limit(now, now >= due_at).is_none() {
                 let job = self.submit.recv_deadline(due_at);
                 if !matches!(job, Err(RecvTimeoutError::Timeout)) {
                     self.admit(job.map_err(|_| ()));
@@ -178,8 +177,11 @@ impl<E: Executor> Scheduler<E> {
             while let Ok(job) = self.submit.try_recv() {
                 self.pending.push(job);
             }
-            let limit = self.dispatch_limit(Instant::now() >= due_at).unwrap_or(self.max);
-            let (jobs, _) = self.pending.take(limit, Instant::now());
+            // One clock reading for the decision and the take, so aging cannot reorder
+            // the queue between them and seal a batch short of the preferred size.
+            let now = Instant::now();
+            let limit = self.dispatch_limit(now, now >= due_at).unwrap_or(self.max);
+            let (jobs, _) = self.pending.take(limit, now);
             if jobs.is_empty() {
                 continue; // everything left had expired or been cancelled; keep the executor
             }

@@ -289,6 +289,11 @@ async fn check(s: &Scenario) -> Result<(), TestCaseError> {
                     prop_assert!(never_executed, "request {} answered Timeout was executed", index);
                 }
             }
+            Outcome::Answered(Err(BatchError::BadItemCount { items, .. })) => {
+                // Refused up front only when its parts could never all fit the queue.
+                prop_assert!(items.div_ceil(max) > s.max_queue_size, "request {} refused needlessly", index);
+                prop_assert!(never_executed, "refused request {} was executed", index);
+            }
             Outcome::Answered(Err(other)) => {
                 prop_assert!(false, "request {} ({:?}) got an unexpected error {:?}", index, r, other);
             }

@@ -8,7 +8,7 @@ use bytes::Bytes;
 use http::header::CONTENT_TYPE;
 use http::{HeaderValue, Method, Request, StatusCode};
 use hyper::body::Incoming;
-use kiln_batcher::InferOptions;
+use kiln_batcher::{BatchError, InferOptions};
 use kiln_engine::{Dim, Tensor, TensorData, TensorSpec};
 use serde_json::{Value, json};
 
@@ -267,7 +267,13 @@ async fn infer(state: &AppState, model: &Arc<Model>, req: Request<Incoming>) -> 
             .collect::<Result<_, _>>()?,
     };
     let input = model_input(model, &mut request)?;
-    let outputs = model.batcher.infer_with(input, options).await?;
+    let outputs = model.batcher.infer_with(input, options).await.map_err(|e| match e {
+        // For tensors the item count is the batch axis the client declared.
+        BatchError::BadItemCount { items, reason } => {
+            ApiError::new(ErrorKind::InvalidParameter, format!("a batch of {items}: {reason}"))
+        }
+        other => ApiError::from(other),
+    })?;
     let selected = selection
         .into_iter()
         .map(|(i, binary)| {
