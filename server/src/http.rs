@@ -76,7 +76,10 @@ async fn route(state: &AppState, req: Request<Incoming>) -> Result<HttpResponse,
             Ok(resp)
         }
         (&Method::GET, "/metrics") => {
-            let mut resp = Response::new(Full::new(Bytes::from(state.metrics.render())));
+            // Rendering reads /proc and, on GPU machines, NVML: keep it off the workers.
+            let metrics = Arc::clone(&state.metrics);
+            let text = tokio::task::spawn_blocking(move || metrics.render()).await.map_err(ApiError::internal)?;
+            let mut resp = Response::new(Full::new(Bytes::from(text)));
             resp.headers_mut().insert(CONTENT_TYPE, HeaderValue::from_static(crate::metrics::CONTENT_TYPE));
             Ok(resp)
         }

@@ -7,7 +7,7 @@
 
 use std::collections::{BTreeMap, HashMap};
 use std::path::{Path, PathBuf};
-use std::sync::{Arc, Mutex, PoisonError, RwLock};
+use std::sync::{Arc, Mutex, PoisonError, RwLock, Weak};
 
 use crate::ServerError;
 use crate::error::{ApiError, ErrorKind};
@@ -25,6 +25,9 @@ pub(crate) struct Repository {
     table: RwLock<Arc<HashMap<String, Versions>>>,
     /// Serialises load/unload so a slow load cannot resurrect a model unloaded meanwhile.
     admin: Mutex<()>,
+    /// Versions replaced or unloaded that may still be finishing requests; shutdown
+    /// drains them too.
+    retired: Mutex<Vec<Weak<Model>>>,
 }
 
 /// Model names are directory names under the repository: one plain path component.
@@ -59,6 +62,7 @@ impl Repository {
             metrics,
             table: RwLock::new(Arc::new(HashMap::new())),
             admin: Mutex::new(()),
+            retired: Mutex::new(Vec::new()),
         };
         let mut table = HashMap::new();
         for dir in dirs {
@@ -141,19 +145,22 @@ impl Repository {
 
     fn mark_retired(&self, name: &str, retired: Option<Versions>) {
         let current = self.snapshot();
-        for version in retired.into_iter().flat_map(|v| v.into_keys()) {
+        let mut draining = self.retired.lock().unwrap_or_else(PoisonError::into_inner);
+        draining.retain(|m| m.strong_count() > 0);
+        for (version, model) in retired.into_iter().flatten() {
             if current.get(name).is_none_or(|now| !now.contains_key(&version)) {
                 self.metrics.set_model_ready(name, &version.to_string(), false);
             }
+            draining.push(Arc::downgrade(&model));
         }
     }
 
-    /// Stops every model, draining its queue. Blocking.
+    /// Stops every model, served or retired but still held, draining its queue. Blocking.
     pub(crate) fn shutdown(&self) {
-        for versions in self.snapshot().values() {
-            for model in versions.values() {
-                model.batcher.shutdown();
-            }
+        let retired: Vec<Arc<Model>> =
+            self.retired.lock().unwrap_or_else(PoisonError::into_inner).iter().filter_map(Weak::upgrade).collect();
+        for model in self.snapshot().values().flat_map(|v| v.values()).chain(&retired) {
+            model.batcher.shutdown();
         }
     }
 }
