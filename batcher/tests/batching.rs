@@ -6,7 +6,7 @@
 use std::collections::HashMap;
 use std::future::Future;
 use std::pin::Pin;
-use std::sync::{Arc, Condvar, Mutex, MutexGuard, PoisonError};
+use std::sync::{Arc, Condvar, Mutex, PoisonError};
 use std::task::{Context, Poll, Waker};
 use std::time::{Duration, Instant};
 
@@ -14,16 +14,13 @@ use kiln_batcher::{BatchError, Batcher, BatcherConfig, Executor, ExecutorError, 
 use tokio::sync::mpsc;
 use tokio::task::JoinHandle;
 
+mod common;
+use common::{BLOCK_LIMIT, Gate, OpenOnDrop, lock};
+
 type TestResult = Result<(), Box<dyn std::error::Error>>;
 
-/// How long an executor waits on a gate or barrier before giving up with an error.
-const BLOCK_LIMIT: Duration = Duration::from_secs(3);
 /// How long a test polls for a state the batcher must reach.
 const POLL_LIMIT: Duration = Duration::from_secs(2);
-
-fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
-    m.lock().unwrap_or_else(PoisonError::into_inner)
-}
 
 /// A request: its identity and how many batch items it carries.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -44,38 +41,6 @@ impl Payload for Req {
 struct Answer {
     ids: Vec<u64>,
     batch_items: usize,
-}
-
-/// A latch the test opens; executors wait on it (with a time limit).
-#[derive(Debug, Default)]
-struct Gate {
-    open: Mutex<bool>,
-    cv: Condvar,
-}
-
-impl Gate {
-    fn open(&self) {
-        *lock(&self.open) = true;
-        self.cv.notify_all();
-    }
-
-    /// True once open; false if it stayed closed for `BLOCK_LIMIT`.
-    fn wait(&self) -> bool {
-        let guard = lock(&self.open);
-        let (guard, _) =
-            self.cv.wait_timeout_while(guard, BLOCK_LIMIT, |open| !*open).unwrap_or_else(PoisonError::into_inner);
-        *guard
-    }
-}
-
-/// Opens the gate when dropped, so a failing test never leaves executors blocked.
-#[derive(Debug)]
-struct OpenOnDrop(Arc<Gate>);
-
-impl Drop for OpenOnDrop {
-    fn drop(&mut self) {
-        self.0.open();
-    }
 }
 
 /// A barrier whose wait times out instead of deadlocking.

@@ -8,7 +8,7 @@
 use std::future::Future;
 use std::pin::Pin;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Condvar, Mutex, MutexGuard, PoisonError};
+use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll, Waker};
 use std::time::{Duration, Instant};
 
@@ -18,19 +18,16 @@ use kiln_batcher::{
 use tokio::sync::mpsc;
 use tokio::task::JoinHandle;
 
+mod common;
+use common::{Gate, OpenOnDrop, lock};
+
 type TestResult = Result<(), Box<dyn std::error::Error>>;
 
-/// How long an executor waits on a gate before giving up with an error.
-const BLOCK_LIMIT: Duration = Duration::from_secs(3);
 /// How long a test waits for something the batcher must do.
 const POLL_LIMIT: Duration = Duration::from_secs(2);
 
 const fn ms(n: u64) -> Duration {
     Duration::from_millis(n)
-}
-
-fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
-    m.lock().unwrap_or_else(PoisonError::into_inner)
 }
 
 /// A request: one id per batch item. Splits into consecutive runs of ids.
@@ -63,38 +60,6 @@ impl Payload for Items {
 /// A single-item request.
 fn one(id: u64) -> Items {
     Items(vec![id])
-}
-
-/// A latch the test opens; executors wait on it (with a time limit).
-#[derive(Debug, Default)]
-struct Gate {
-    open: Mutex<bool>,
-    cv: Condvar,
-}
-
-impl Gate {
-    fn open(&self) {
-        *lock(&self.open) = true;
-        self.cv.notify_all();
-    }
-
-    /// True once open; false if it stayed closed for `BLOCK_LIMIT`.
-    fn wait(&self) -> bool {
-        let guard = lock(&self.open);
-        let (guard, _) =
-            self.cv.wait_timeout_while(guard, BLOCK_LIMIT, |open| !*open).unwrap_or_else(PoisonError::into_inner);
-        *guard
-    }
-}
-
-/// Opens the gate when dropped, so a failing test never leaves executors blocked.
-#[derive(Debug)]
-struct OpenOnDrop(Arc<Gate>);
-
-impl Drop for OpenOnDrop {
-    fn drop(&mut self) {
-        self.0.open();
-    }
 }
 
 /// One executed batch: the ids of each of its inputs, in order.
