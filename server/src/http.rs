@@ -28,7 +28,14 @@ const OPENAPI: &str = include_str!("openapi.json");
 pub async fn handle(state: Arc<AppState>, req: Request<Incoming>) -> Result<HttpResponse, Infallible> {
     let started = std::time::Instant::now();
     let labels = metric_labels(&state, &req);
-    let resp = route(&state, req).await.unwrap_or_else(|e| error_response(&e));
+    // An error may be answered before the body was read; HTTP/1 cannot then reuse the
+    // connection safely, so tell the client to open a new one instead of racing it.
+    let close_on_error = req.version() < http::Version::HTTP_2
+        && (req.headers().contains_key(CONTENT_LENGTH) || req.headers().contains_key(http::header::TRANSFER_ENCODING));
+    let mut resp = route(&state, req).await.unwrap_or_else(|e| error_response(&e));
+    if close_on_error && !resp.status().is_success() {
+        resp.headers_mut().insert(http::header::CONNECTION, HeaderValue::from_static("close"));
+    }
     if let Some((endpoint, model)) = labels {
         state.metrics.observe_request(&model, endpoint, resp.status().as_u16(), started.elapsed());
     }
@@ -49,10 +56,7 @@ fn metric_labels(state: &AppState, req: &Request<Incoming>) -> Option<(&'static 
         }
         _ => return None,
     };
-    let requested = req
-        .uri()
-        .query()
-        .and_then(|q| form_urlencoded::parse(q.as_bytes()).find_map(|(k, v)| (k == "model").then(|| v.into_owned())));
+    let requested = requested_model(req.uri().query());
     let model = match requested {
         Some(name) => loaded(&name),
         None => state.default_model.as_deref().map_or_else(String::new, loaded),
@@ -179,9 +183,13 @@ impl Arity {
     }
 }
 
+/// The URL-decoded `model=` query parameter, if any.
+fn requested_model(query: Option<&str>) -> Option<String> {
+    query.and_then(|q| form_urlencoded::parse(q.as_bytes()).find_map(|(k, v)| (k == "model").then(|| v.into_owned())))
+}
+
 pub(crate) fn select_model(state: &AppState, query: Option<&str>) -> Result<Arc<Model>, ApiError> {
-    let requested = query
-        .and_then(|q| form_urlencoded::parse(q.as_bytes()).find_map(|(k, v)| (k == "model").then(|| v.into_owned())));
+    let requested = requested_model(query);
     let name = match requested.as_deref() {
         Some(name) => name,
         None => state.default_model.as_deref().ok_or_else(|| {
