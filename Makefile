@@ -12,7 +12,7 @@ setup:
 	@bash scripts/setup
 
 build: setup
-	$(CARGO) build --release -p kiln-server
+	$(CARGO) build --release -p kiln-cli
 
 ## serve: serve the default model on $(HOST):$(PORT) over HTTP/1.1 and HTTP/2
 serve: build

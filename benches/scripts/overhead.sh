@@ -44,7 +44,7 @@ done
 
 LOAD_BEFORE_BUILD=$(cut -d' ' -f1-3 /proc/loadavg)
 if [ "${SKIP_BUILD:-0}" != 1 ]; then
-  cargo build --release -p kiln-server >&2
+  cargo build --release -p kiln-cli >&2
 fi
 
 rm -rf "$OUT"

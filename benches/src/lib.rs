@@ -1,4 +1,7 @@
-//! Helpers shared by kiln's benchmark binaries.
+//! kiln's load generator (`kiln bench`, module [`load`]) and helpers shared by the
+//! benchmark binaries.
+
+pub mod load;
 
 /// "N cores, CPU model" of this machine, for the reports' header.
 pub fn machine() -> String {

@@ -4,6 +4,7 @@ use std::path::PathBuf;
 
 use anyhow::Context;
 use clap::{Args, Parser, Subcommand};
+use kiln_bench::load::BenchArgs;
 use kiln_server::{Limits, Server, ServerConfig, TlsFiles};
 
 /// kiln: a high-performance deep-learning inference server.
@@ -18,6 +19,9 @@ struct Cli {
 enum Command {
     /// Serve every model of a model repository over HTTP/1.1 and HTTP/2 (h2c).
     Serve(ServeArgs),
+    /// Load-test an HTTP endpoint: closed-loop concurrency or open-loop rate sweeps, HTTP/1.1
+    /// or HTTP/2, latency percentiles corrected for coordinated omission.
+    Bench(Box<BenchArgs>),
 }
 
 #[derive(Args, Debug)]
@@ -70,9 +74,14 @@ fn main() -> anyhow::Result<()> {
         .with_writer(std::io::stderr)
         .init();
     let cli = Cli::parse();
-    let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
     match cli.command {
-        Command::Serve(args) => runtime.block_on(serve(args)),
+        Command::Serve(args) => tokio::runtime::Builder::new_multi_thread().enable_all().build()?.block_on(serve(args)),
+        Command::Bench(args) => {
+            let report = args.execute().context("kiln bench failed")?;
+            // A run in which nothing succeeded is a failure for scripts that check the status.
+            anyhow::ensure!(report.levels.iter().any(|l| l.requests > 0), "no request succeeded");
+            Ok(())
+        }
     }
 }
 
