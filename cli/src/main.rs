@@ -18,7 +18,7 @@ struct Cli {
 #[derive(Subcommand, Debug)]
 enum Command {
     /// Serve every model of a model repository over HTTP/1.1 and HTTP/2 (h2c).
-    Serve(ServeArgs),
+    Serve(Box<ServeArgs>),
     /// Load-test an HTTP endpoint: closed-loop concurrency or open-loop rate sweeps, HTTP/1.1
     /// or HTTP/2, latency percentiles corrected for coordinated omission.
     Bench(Box<BenchArgs>),
@@ -75,7 +75,7 @@ fn main() -> anyhow::Result<()> {
         .init();
     let cli = Cli::parse();
     match cli.command {
-        Command::Serve(args) => tokio::runtime::Builder::new_multi_thread().enable_all().build()?.block_on(serve(args)),
+        Command::Serve(args) => tokio::runtime::Builder::new_multi_thread().enable_all().build()?.block_on(serve(*args)),
         Command::Bench(args) => {
             let report = args.execute().context("kiln bench failed")?;
             // A run in which nothing succeeded is a failure for scripts that check the status.
