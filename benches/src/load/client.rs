@@ -169,16 +169,16 @@ pub(crate) async fn exchange(
     tokio::time::timeout(timeout, work).await.map_err(|_| Failure::Timeout)?
 }
 
-/// One plain `GET` on a fresh HTTP/1.1 connection (metadata and `/metrics`), outside the measurement.
+/// One plain `GET` on a fresh connection (metadata and `/metrics`), outside the measurement;
+/// `connector` must be an HTTP/1.1 one.
 pub(crate) async fn fetch(
     connector: &Connector,
     target: &Target,
     path: &str,
     headers: &http::HeaderMap,
 ) -> Result<Bytes, LoadError> {
-    let plain = Connector { http2: false, ..connector.clone() };
     let what = || format!("GET {}", target.url(path));
-    let sender = plain.connect().await.map_err(|_| LoadError::Fetch(format!("{}: could not connect", what())))?;
+    let sender = connector.connect().await.map_err(|_| LoadError::Fetch(format!("{}: could not connect", what())))?;
     let Sender::H1(mut send) = sender else { return Err(LoadError::Fetch(what())) };
     let mut req = http::Request::new(Full::new(Bytes::new()));
     *req.uri_mut() = path.parse().map_err(|_| LoadError::Fetch(format!("{}: bad path", what())))?;

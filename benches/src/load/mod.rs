@@ -151,7 +151,9 @@ pub fn run(config: &LoadConfig) -> Result<Report, LoadError> {
     for (k, v) in &config.payload.headers {
         headers.append(k.clone(), v.clone());
     }
-    let fetch = |path: &str| helper.block_on(client::fetch(&connector, &target, path, &headers));
+    // Metadata and /metrics go over HTTP/1.1 whatever the load uses.
+    let plain = client::Connector::new(&target, false, &config.tls, connect_timeout)?;
+    let fetch = |path: &str| helper.block_on(client::fetch(&plain, &target, path, &headers));
     let workload = Arc::new(payload::Workload::prepare(&config.payload, &target, &fetch)?);
     let scrape = |model: Option<&str>| -> Result<scrape::Sample, LoadError> {
         let text = fetch("/metrics")?;
