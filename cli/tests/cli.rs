@@ -246,3 +246,101 @@ fn ort_library_that_is_not_a_library_is_a_clear_error() -> anyhow::Result<()> {
     ensure!(stderr.contains(&shown), "stderr does not name {shown}:\n{stderr}");
     Ok(())
 }
+
+/// The tensor test models `make setup` builds: they load in a moment.
+fn test_model_repository() -> anyhow::Result<PathBuf> {
+    let repo = workspace_root().join(".kiln/test-models");
+    ensure!(
+        repo.join("identity_fp32/1/model.onnx").is_file(),
+        "no test models in {}: run `make setup`",
+        repo.display()
+    );
+    Ok(repo)
+}
+
+/// `kiln serve --port 0` on the test models; returns the running server and its port.
+fn serve_test_models() -> anyhow::Result<(Running, u16)> {
+    let mut cmd = kiln();
+    cmd.args(["serve", "--port", "0", "--model-repository"]).arg(test_model_repository()?);
+    cmd.arg("--ort-library").arg(ort_library()?);
+    let mut server = Running::spawn(cmd)?;
+    let line = match server.stdout_line(Duration::from_secs(60)) {
+        Ok(line) => line,
+        Err(e) => {
+            let _ = server.child.kill();
+            let _ = server.child.wait();
+            return Err(e.context(format!("stderr: {}", server.stderr_text())));
+        }
+    };
+    let port: u16 = line
+        .strip_prefix("kiln listening on http://127.0.0.1:")
+        .and_then(|p| p.trim().parse().ok())
+        .with_context(|| format!("unexpected first stdout line {line:?}"))?;
+    Ok((server, port))
+}
+
+/// Short levels, so that each `kiln bench` run takes well under a second.
+const QUICK: [&str; 6] = ["--warmup", "100ms", "--window", "200ms", "--max-windows", "2"];
+
+#[test]
+fn bench_prints_the_table_and_writes_json_and_csv() -> anyhow::Result<()> {
+    let (_server, port) = serve_test_models()?;
+    let dir = TempDir::new("bench")?;
+    let (json_path, csv_path) = (dir.0.join("out/report.json"), dir.0.join("out/report.csv"));
+    let mut cmd = kiln();
+    cmd.arg("bench").arg(format!("http://127.0.0.1:{port}/health")).args(["--concurrency", "2"]).args(QUICK);
+    cmd.arg("--json").arg(&json_path).arg("--csv").arg(&csv_path).arg("-q");
+    let (status, stdout, stderr) = run_to_end(cmd, Duration::from_secs(60))?;
+    ensure!(status.success(), "kiln bench exited with {status}; stdout:\n{stdout}\nstderr:\n{stderr}");
+    ensure!(!stderr.contains("panicked"), "kiln bench panicked:\n{stderr}");
+    for needle in ["conc", "req/s", "p50 ms", "p99 ms", "errors", "stable", "HTTP/1.1, closed loop"] {
+        ensure!(stdout.contains(needle), "the table lacks {needle:?}:\n{stdout}");
+    }
+
+    let json: serde_json::Value = serde_json::from_str(
+        &std::fs::read_to_string(&json_path).with_context(|| format!("reading {}", json_path.display()))?,
+    )
+    .context("the JSON report does not parse")?;
+    let level = &json["levels"][0];
+    ensure!(level["requests"].as_u64().is_some_and(|n| n > 0), "no request succeeded: {json}");
+    ensure!(level["concurrency"] == 2 && level["error_count"] == 0, "{json}");
+    ensure!(json["levels"].as_array().map(Vec::len) == Some(1), "one level expected: {json}");
+
+    let csv = std::fs::read_to_string(&csv_path).with_context(|| format!("reading {}", csv_path.display()))?;
+    let lines: Vec<&str> = csv.lines().collect();
+    ensure!(lines.len() == 2 && lines[0].starts_with("concurrency,"), "a header and one row expected:\n{csv}");
+    ensure!(lines[1].starts_with("2,"), "the row is not concurrency 2:\n{csv}");
+    Ok(())
+}
+
+#[test]
+fn bench_with_nothing_listening_fails_without_panicking() -> anyhow::Result<()> {
+    let port = std::net::TcpListener::bind("127.0.0.1:0")?.local_addr()?.port();
+    let mut cmd = kiln();
+    cmd.arg("bench").arg(format!("http://127.0.0.1:{port}/")).args(QUICK).arg("-q");
+    let (status, stdout, stderr) = run_to_end(cmd, Duration::from_secs(60))?;
+    ensure!(!status.success(), "kiln bench succeeded with nothing listening; stdout:\n{stdout}\nstderr:\n{stderr}");
+    ensure!(stderr.contains("no request succeeded"), "stderr does not say why:\n{stderr}");
+    ensure!(!stderr.contains("panicked"), "kiln bench panicked:\n{stderr}");
+    ensure!(stdout.contains("connect"), "the table does not list the connect errors:\n{stdout}");
+    Ok(())
+}
+
+#[test]
+fn bench_refuses_bad_arguments_with_a_message() -> anyhow::Result<()> {
+    let cases: [(&[&str], &str); 4] = [
+        (&["ftp://127.0.0.1:21/"], "scheme"),
+        (&["http://127.0.0.1:9/", "--concurrency", "0"], "positive"),
+        (&["http://127.0.0.1:9/", "--rate", "0"], "positive"),
+        (&["http://127.0.0.1:9/", "--payload", "predict"], "--images"),
+    ];
+    for (args, needle) in cases {
+        let mut cmd = kiln();
+        cmd.arg("bench").args(args).args(QUICK).arg("-q");
+        let (status, stdout, stderr) = run_to_end(cmd, Duration::from_secs(30))?;
+        ensure!(!status.success(), "kiln bench {args:?} succeeded; stdout:\n{stdout}");
+        ensure!(stderr.contains(needle), "kiln bench {args:?}: stderr does not mention {needle:?}:\n{stderr}");
+        ensure!(!stderr.contains("panicked"), "kiln bench {args:?} panicked:\n{stderr}");
+    }
+    Ok(())
+}

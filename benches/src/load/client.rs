@@ -145,11 +145,11 @@ pub(crate) async fn exchange(
     let work = async {
         let response = match sender {
             Sender::H1(send) => {
-                send.ready().await.map_err(|_| Failure::Io)?;
+                send.ready().await.map_err(|_| Failure::Closed)?;
                 send.send_request(template.request(false)).await.map_err(|_| Failure::Io)?
             }
             Sender::H2(send) => {
-                send.ready().await.map_err(|_| Failure::Io)?;
+                send.ready().await.map_err(|_| Failure::Closed)?;
                 send.send_request(template.request(true)).await.map_err(|_| Failure::Io)?
             }
         };

@@ -119,39 +119,55 @@ async fn connect(ctx: &Context, shard: &Shard) -> Sender {
 async fn closed_connection(ctx: Arc<Context>, shard: Arc<Shard>, lanes: usize, seed: usize) {
     loop {
         let sender = connect(&ctx, &shard).await;
-        if lanes <= 1 {
-            closed_lane(ctx.clone(), shard.clone(), sender, seed).await;
-            continue;
-        }
-        let mut tasks = Vec::with_capacity(lanes);
-        for lane in 0..lanes {
-            if let Some(stream) = sender.stream() {
-                tasks.push(tokio::spawn(closed_lane(ctx.clone(), shard.clone(), stream, seed * lanes + lane)));
+        let answered = if lanes <= 1 {
+            closed_lane(ctx.clone(), shard.clone(), sender, seed).await
+        } else {
+            let mut tasks = Vec::with_capacity(lanes);
+            for lane in 0..lanes {
+                if let Some(stream) = sender.stream() {
+                    tasks.push(tokio::spawn(closed_lane(ctx.clone(), shard.clone(), stream, seed * lanes + lane)));
+                }
             }
-        }
-        drop(sender);
-        for t in tasks {
-            let _ = t.await;
+            drop(sender);
+            let mut answered = 0;
+            for t in tasks {
+                answered += t.await.unwrap_or(0);
+            }
+            answered
+        };
+        // A server that takes connections and drops them must not make the client spin.
+        if answered == 0 {
+            tokio::time::sleep(RECONNECT_BACKOFF).await;
         }
     }
 }
 
-/// Sends back to back until the connection breaks.
-async fn closed_lane(ctx: Arc<Context>, shard: Arc<Shard>, mut sender: Sender, seed: usize) {
+/// Sends back to back until the connection breaks; returns how many answers came back.
+async fn closed_lane(ctx: Arc<Context>, shard: Arc<Shard>, mut sender: Sender, seed: usize) -> u64 {
     let http2 = ctx.connector.http2;
+    let mut answered = 0;
     for i in seed.. {
         let template = ctx.workload.get(i);
         let sent = Instant::now();
         match exchange(&mut sender, template, ctx.timeout, ctx.check_body).await {
-            Ok(answer) => shard.success(sent.elapsed(), answer.items, None),
+            Ok(answer) => {
+                answered += 1;
+                shard.success(sent.elapsed(), answer.items, None);
+            }
+            // Closed after the last answer: reconnect and carry on. Closed before any
+            // answer: the server refuses to serve on this connection, a failure.
+            Err(Failure::Closed) if answered > 0 => return answered,
             Err(f) => {
-                shard.failure(f, 1);
+                // Error statuses and wrong bodies are answers too.
+                answered += u64::from(matches!(f, Failure::Status(_) | Failure::BadBody | Failure::WrongAnswer));
+                shard.failure(if f == Failure::Closed { Failure::Io } else { f }, 1);
                 if f.breaks(http2) {
-                    return;
+                    return answered;
                 }
             }
         }
     }
+    answered
 }
 
 async fn open_connection(ctx: Arc<Context>, shard: Arc<Shard>, mut pacer: Pacer, max_streams: usize, seed: usize) {
@@ -160,10 +176,10 @@ async fn open_connection(ctx: Arc<Context>, shard: Arc<Shard>, mut pacer: Pacer,
     loop {
         let sender = match ctx.connector.connect().await {
             Ok(sender) => sender,
-            Err(f) => {
-                shard.failure(f, 1);
+            Err(_) => {
                 tokio::time::sleep(RECONNECT_BACKOFF).await;
-                // Requests due while there was no connection were never sent: each is an error.
+                // Requests due while there was no connection were never sent: each is an
+                // error (attempts are not counted; the schedule says what was lost).
                 shard.failure(Failure::Connect, pacer.skip_until(Instant::now()));
                 continue;
             }
@@ -179,17 +195,24 @@ async fn open_connection(ctx: Arc<Context>, shard: Arc<Shard>, mut pacer: Pacer,
 /// HTTP/1.1: one request at a time; a request due while the previous one is still out is
 /// sent late, and its latency still counts from when it was due.
 async fn open_sequential(ctx: &Context, shard: &Shard, pacer: &mut Pacer, mut sender: Sender, index: &mut usize) {
+    let mut sent = 0u64;
     loop {
         let due = pacer.peek();
         ctx.ticker.sleep_until(due).await;
-        pacer.advance();
         let template = ctx.workload.get(*index);
-        *index += 1;
         let lag = due.elapsed();
-        match exchange(&mut sender, template, ctx.timeout, ctx.check_body).await {
+        let result = exchange(&mut sender, template, ctx.timeout, ctx.check_body).await;
+        if sent > 0 && result.as_ref().is_err_and(|f| *f == Failure::Closed) {
+            // Not sent: the same request goes out on the next connection, still due when it was.
+            return;
+        }
+        pacer.advance();
+        *index += 1;
+        sent += 1;
+        match result {
             Ok(answer) => shard.success(due.elapsed(), answer.items, Some(lag)),
             Err(f) => {
-                shard.failure(f, 1);
+                shard.failure(if f == Failure::Closed { Failure::Io } else { f }, 1);
                 if f.breaks(false) {
                     return;
                 }
@@ -228,7 +251,8 @@ async fn open_streams(
             match exchange(&mut stream, ctx.workload.get(i), ctx.timeout, ctx.check_body).await {
                 Ok(answer) => shard.success(due.elapsed(), answer.items, Some(lag)),
                 Err(f) => {
-                    shard.failure(f, 1);
+                    // A stream cannot be re-sent once handed over: a closed connection fails it.
+                    shard.failure(if f == Failure::Closed { Failure::Io } else { f }, 1);
                     if f.breaks(true) {
                         let _ = broken_tx.send(true);
                     }

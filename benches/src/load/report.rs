@@ -138,6 +138,9 @@ impl Report {
         let mut out = String::new();
         let _ =
             writeln!(out, "{} → {} (HTTP/{}, {} loop), {}", self.tool, self.target, self.http, self.mode, self.machine);
+        if let Some(what) = self.payload.get("description").and_then(Value::as_str) {
+            let _ = writeln!(out, "sending {what}");
+        }
         let first = if self.mode == "open" { "rate/s" } else { "conc" };
         let server = self.levels.iter().any(|l| l.server.is_some());
         let lag = self.levels.iter().any(|l| l.send_lag.is_some());

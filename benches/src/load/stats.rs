@@ -18,6 +18,9 @@ pub(crate) enum Failure {
     Timeout,
     /// The connection broke mid-request.
     Io,
+    /// The connection was closed before the request went out (the server ended it after
+    /// the previous answer): not a failed request — the caller reconnects and sends it.
+    Closed,
     /// A non-2xx status.
     Status(u16),
     /// The body was not what the endpoint answers (unparseable, fields missing).
@@ -32,6 +35,7 @@ impl Failure {
             Self::Connect => "connect".into(),
             Self::Timeout => "timeout".into(),
             Self::Io => "io".into(),
+            Self::Closed => "closed".into(),
             Self::Status(code) => format!("http_{code}"),
             Self::BadBody => "bad_body".into(),
             Self::WrongAnswer => "wrong_answer".into(),
@@ -42,7 +46,7 @@ impl Failure {
     /// read to its end); an HTTP/2 connection survives a timed-out stream.
     pub(crate) fn breaks(self, http2: bool) -> bool {
         match self {
-            Self::Connect | Self::Io => true,
+            Self::Connect | Self::Io | Self::Closed => true,
             Self::Timeout => !http2,
             Self::Status(_) | Self::BadBody | Self::WrongAnswer => false,
         }
