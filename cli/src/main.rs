@@ -75,7 +75,9 @@ fn main() -> anyhow::Result<()> {
         .init();
     let cli = Cli::parse();
     match cli.command {
-        Command::Serve(args) => tokio::runtime::Builder::new_multi_thread().enable_all().build()?.block_on(serve(*args)),
+        Command::Serve(args) => {
+            tokio::runtime::Builder::new_multi_thread().enable_all().build()?.block_on(serve(*args))
+        }
         Command::Bench(args) => {
             let report = args.execute().context("kiln bench failed")?;
             // A run in which nothing succeeded is a failure for scripts that check the status.
