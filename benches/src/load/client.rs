@@ -1,4 +1,4 @@
-//! Connections for `kiln bench`: hyper's low-level HTTP/1.1 and HTTP/2 client over TCP,
+//! Connections for `kiln bench`: kiln's lean HTTP/1.1 client (`h1.rs`) or the `h2` crate over TCP,
 //! optionally TLS, one connection per handshake so the tool controls every connection.
 
 use std::net::{SocketAddr, ToSocketAddrs};
@@ -7,9 +7,6 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::Bytes;
-use http_body_util::{BodyExt, Full};
-use hyper::client::conn::{http1, http2};
-use hyper_util::rt::{TokioExecutor, TokioIo};
 use rustls_pki_types::pem::PemObject;
 use rustls_pki_types::{CertificateDer, ServerName, UnixTime};
 use tokio::net::TcpStream;
@@ -17,7 +14,8 @@ use tokio_rustls::TlsConnector;
 use tokio_rustls::rustls::{self, ClientConfig, DigitallySignedStruct, RootCertStore, SignatureScheme};
 
 use super::LoadError;
-use super::payload::{Mismatch, Target, Template, check};
+use super::h1::{H1, Stream};
+use super::payload::{Mismatch, Target, Template, check, wire};
 use super::stats::Failure;
 
 /// TLS settings for https targets.
@@ -48,8 +46,8 @@ impl std::fmt::Debug for Connector {
 /// A ready connection's request handle.
 #[derive(Debug)]
 pub(crate) enum Sender {
-    H1(http1::SendRequest<Full<Bytes>>),
-    H2(http2::SendRequest<Full<Bytes>>),
+    H1(Box<H1>),
+    H2(h2::client::SendRequest<Bytes>),
 }
 
 impl Sender {
@@ -92,8 +90,8 @@ impl Connector {
             .map_err(|_| Failure::Connect)?;
         // Requests are small and latency is the point: no Nagle delay.
         let _ = tcp.set_nodelay(true);
-        match &self.tls {
-            None => self.handshake(TokioIo::new(tcp)).await,
+        let stream = match &self.tls {
+            None => Stream::Plain(tcp),
             Some((connector, name)) => {
                 let stream = tokio::time::timeout(self.connect_timeout, connector.connect(name.clone(), tcp))
                     .await
@@ -103,30 +101,28 @@ impl Connector {
                 if stream.get_ref().1.alpn_protocol().is_some_and(|p| p != want) {
                     return Err(Failure::Connect);
                 }
-                self.handshake(TokioIo::new(stream)).await
+                Stream::Tls(Box::new(stream))
             }
+        };
+        if !self.http2 {
+            return Ok(Sender::H1(Box::new(H1::new(stream))));
         }
-    }
-
-    async fn handshake<T>(&self, io: TokioIo<T>) -> Result<Sender, Failure>
-    where
-        T: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
-    {
-        if self.http2 {
-            let (send, conn) = http2::handshake(TokioExecutor::new(), io).await.map_err(|_| Failure::Connect)?;
-            tokio::spawn(async move {
-                let _ = conn.await;
-            });
-            Ok(Sender::H2(send))
-        } else {
-            let (send, conn) = http1::handshake(io).await.map_err(|_| Failure::Connect)?;
-            tokio::spawn(async move {
-                let _ = conn.await;
-            });
-            Ok(Sender::H1(send))
-        }
+        let (send, conn) = h2::client::Builder::new()
+            .initial_window_size(H2_STREAM_WINDOW)
+            .initial_connection_window_size(H2_CONNECTION_WINDOW)
+            .handshake::<_, Bytes>(stream)
+            .await
+            .map_err(|_| Failure::Connect)?;
+        tokio::spawn(async move {
+            let _ = conn.await;
+        });
+        Ok(Sender::H2(send))
     }
 }
+
+/// HTTP/2 receive windows: the 64 KiB defaults would throttle tensor-sized answers.
+const H2_STREAM_WINDOW: u32 = 4 << 20;
+const H2_CONNECTION_WINDOW: u32 = 16 << 20;
 
 /// What one exchange yielded when it succeeded.
 #[derive(Debug, Clone, Copy)]
@@ -143,30 +139,49 @@ pub(crate) async fn exchange(
     check_body: bool,
 ) -> Result<Answer, Failure> {
     let work = async {
-        let response = match sender {
-            Sender::H1(send) => {
-                send.ready().await.map_err(|_| Failure::Closed)?;
-                send.send_request(template.request(false)).await.map_err(|_| Failure::Io)?
+        match sender {
+            Sender::H1(conn) => {
+                let (status, body) = conn.exchange(&template.wire_h1).await?;
+                judge(status, body, template, check_body)
             }
             Sender::H2(send) => {
-                send.ready().await.map_err(|_| Failure::Closed)?;
-                send.send_request(template.request(true)).await.map_err(|_| Failure::Io)?
+                std::future::poll_fn(|cx| send.poll_ready(cx)).await.map_err(|_| Failure::Closed)?;
+                let end = template.body.is_empty();
+                let (response, mut stream) =
+                    send.send_request(template.request_h2(), end).map_err(|_| Failure::Closed)?;
+                if !end {
+                    stream.send_data(template.body.clone(), true).map_err(|_| Failure::Io)?;
+                }
+                let response = response.await.map_err(|_| Failure::Io)?;
+                let status = response.status().as_u16();
+                let mut body = response.into_body();
+                // Only a checked answer is kept; otherwise the data is just acknowledged.
+                let mut kept = Vec::new();
+                while let Some(chunk) = body.data().await {
+                    let chunk = chunk.map_err(|_| Failure::Io)?;
+                    let _ = body.flow_control().release_capacity(chunk.len());
+                    if check_body {
+                        kept.extend_from_slice(&chunk);
+                    }
+                }
+                judge(status, &kept, template, check_body)
             }
-        };
-        let status = response.status();
-        let body = response.into_body().collect().await.map_err(|_| Failure::Io)?.to_bytes();
-        if !status.is_success() {
-            return Err(Failure::Status(status.as_u16()));
         }
-        if check_body {
-            check(&template.expect, &body).map_err(|m| match m {
-                Mismatch::BadBody => Failure::BadBody,
-                Mismatch::WrongAnswer => Failure::WrongAnswer,
-            })?;
-        }
-        Ok(Answer { items: template.items })
     };
     tokio::time::timeout(timeout, work).await.map_err(|_| Failure::Timeout)?
+}
+
+fn judge(status: u16, body: &[u8], template: &Template, check_body: bool) -> Result<Answer, Failure> {
+    if !(200..300).contains(&status) {
+        return Err(Failure::Status(status));
+    }
+    if check_body {
+        check(&template.expect, body).map_err(|m| match m {
+            Mismatch::BadBody => Failure::BadBody,
+            Mismatch::WrongAnswer => Failure::WrongAnswer,
+        })?;
+    }
+    Ok(Answer { items: template.items })
 }
 
 /// One plain `GET` on a fresh connection (metadata and `/metrics`), outside the measurement;
@@ -179,23 +194,15 @@ pub(crate) async fn fetch(
 ) -> Result<Bytes, LoadError> {
     let what = || format!("GET {}", target.url(path));
     let sender = connector.connect().await.map_err(|_| LoadError::Fetch(format!("{}: could not connect", what())))?;
-    let Sender::H1(mut send) = sender else { return Err(LoadError::Fetch(what())) };
-    let mut req = http::Request::new(Full::new(Bytes::new()));
-    *req.uri_mut() = path.parse().map_err(|_| LoadError::Fetch(format!("{}: bad path", what())))?;
-    *req.headers_mut() = headers.clone();
-    if let Ok(host) = http::HeaderValue::from_str(&target.authority) {
-        req.headers_mut().insert(http::header::HOST, host);
-    }
-    let work = async {
-        send.ready().await.ok()?;
-        let resp = send.send_request(req).await.ok()?;
-        let status = resp.status();
-        let body = resp.into_body().collect().await.ok()?.to_bytes();
-        Some((status, body))
-    };
-    match tokio::time::timeout(Duration::from_secs(10), work).await {
-        Ok(Some((status, body))) if status.is_success() => Ok(body),
-        Ok(Some((status, body))) => Err(LoadError::Fetch(format!(
+    let Sender::H1(mut conn) = sender else { return Err(LoadError::Fetch(what())) };
+    let request = wire(&http::Method::GET, path, &target.authority, headers, &[]);
+    let answer = tokio::time::timeout(Duration::from_secs(10), async {
+        conn.exchange(&request).await.map(|(status, body)| (status, Bytes::copy_from_slice(body)))
+    })
+    .await;
+    match answer {
+        Ok(Ok((status, body))) if (200..300).contains(&status) => Ok(body),
+        Ok(Ok((status, body))) => Err(LoadError::Fetch(format!(
             "{}: HTTP {status}: {}",
             what(),
             String::from_utf8_lossy(&body[..body.len().min(200)])

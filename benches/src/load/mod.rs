@@ -9,6 +9,7 @@
 mod args;
 mod client;
 mod driver;
+mod h1;
 mod level;
 mod payload;
 mod plot;

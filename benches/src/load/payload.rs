@@ -6,7 +6,6 @@ use std::path::{Path, PathBuf};
 use bytes::Bytes;
 use http::header::{CONTENT_TYPE, HOST};
 use http::{HeaderMap, HeaderName, HeaderValue, Method, Uri};
-use http_body_util::Full;
 use serde_json::{Value, json};
 
 use super::LoadError;
@@ -86,53 +85,60 @@ pub(crate) enum Expect {
 #[derive(Debug, Clone)]
 pub(crate) struct Template {
     method: Method,
-    uri_h1: Uri,
     uri_h2: Uri,
-    headers_h1: HeaderMap,
     headers_h2: HeaderMap,
-    body: Bytes,
+    /// The whole HTTP/1.1 request, head and body, as it goes on the wire.
+    pub wire_h1: Bytes,
+    pub body: Bytes,
     /// Inference items the request carries (images, batch rows): for items/s.
     pub items: u64,
     pub expect: Expect,
 }
 
 impl Template {
-    fn new(
-        target: &Target,
-        method: Method,
-        path: &str,
-        mut headers: HeaderMap,
-        body: Bytes,
-    ) -> Result<Self, LoadError> {
+    fn new(target: &Target, method: Method, path: &str, headers: HeaderMap, body: Bytes) -> Result<Self, LoadError> {
         let bad = |e: http::Error| LoadError::InvalidArgument(format!("bad request path '{path}': {e}"));
-        let uri_h1: Uri = path.parse().map_err(|e: http::uri::InvalidUri| bad(e.into()))?;
+        let _: Uri = path.parse().map_err(|e: http::uri::InvalidUri| bad(e.into()))?;
         let uri_h2 = Uri::builder()
             .scheme(target.scheme.as_str())
             .authority(target.authority.as_str())
             .path_and_query(path)
             .build()
             .map_err(bad)?;
-        let headers_h2 = headers.clone();
-        headers.insert(
-            HOST,
-            HeaderValue::from_str(&target.authority)
-                .map_err(|_| LoadError::InvalidArgument(format!("bad host '{}'", target.authority)))?,
-        );
-        Ok(Self { method, uri_h1, uri_h2, headers_h1: headers, headers_h2, body, items: 1, expect: Expect::Status })
+        let wire_h1 = Bytes::from(wire(&method, path, &target.authority, &headers, &body));
+        Ok(Self { method, uri_h2, headers_h2: headers, wire_h1, body, items: 1, expect: Expect::Status })
     }
 
-    pub(crate) fn request(&self, http2: bool) -> http::Request<Full<Bytes>> {
-        let mut req = http::Request::new(Full::new(self.body.clone()));
+    /// The HTTP/2 request head; the body goes separately.
+    pub(crate) fn request_h2(&self) -> http::Request<()> {
+        let mut req = http::Request::new(());
         *req.method_mut() = self.method.clone();
-        if http2 {
-            *req.uri_mut() = self.uri_h2.clone();
-            *req.headers_mut() = self.headers_h2.clone();
-        } else {
-            *req.uri_mut() = self.uri_h1.clone();
-            *req.headers_mut() = self.headers_h1.clone();
-        }
+        *req.uri_mut() = self.uri_h2.clone();
+        *req.headers_mut() = self.headers_h2.clone();
         req
     }
+}
+
+/// Serialises an HTTP/1.1 request: request line, Host, the given headers, a
+/// Content-Length when there is a body (or the method usually has one), then the body.
+pub(crate) fn wire(method: &Method, path: &str, authority: &str, headers: &HeaderMap, body: &[u8]) -> Vec<u8> {
+    let mut out = Vec::with_capacity(256 + body.len());
+    out.extend_from_slice(format!("{method} {path} HTTP/1.1\r\nhost: {authority}\r\n").as_bytes());
+    for (name, value) in headers {
+        if name == HOST || name == http::header::CONTENT_LENGTH {
+            continue;
+        }
+        out.extend_from_slice(name.as_str().as_bytes());
+        out.extend_from_slice(b": ");
+        out.extend_from_slice(value.as_bytes());
+        out.extend_from_slice(b"\r\n");
+    }
+    if !body.is_empty() || matches!(*method, Method::POST | Method::PUT | Method::PATCH) {
+        out.extend_from_slice(format!("content-length: {}\r\n", body.len()).as_bytes());
+    }
+    out.extend_from_slice(b"\r\n");
+    out.extend_from_slice(body);
+    out
 }
 
 /// Scheme, authority and path of the URL under test.
