@@ -5,7 +5,7 @@ HOST ?= 127.0.0.1
 PORT ?= 8000
 export KILN_ORT_LIBRARY ?= $(CURDIR)/.kiln/lib/libonnxruntime.so
 
-.PHONY: setup build serve test lint fmt bench clean
+.PHONY: setup build serve test lint fmt bench bench-load clean
 
 ## setup: Python venv, ONNX Runtime library, EfficientNet-Lite0 import, sample photos (idempotent)
 setup:
@@ -35,6 +35,11 @@ fmt:
 bench: setup
 	$(CARGO) run --release -p kiln-bench --bin kiln-e2e-bench -- --out out/bench-e2e.json
 	$(CARGO) run --release -p kiln-bench --bin kiln-batcher-bench -- --out out/bench-batcher.json
+
+## bench-load: kiln bench vs wrk and h2load against a trivial server (needs wrk, nghttp2-client, taskset)
+bench-load:
+	$(CARGO) build --release -p kiln-cli -p kiln-bench
+	python3 benches/scripts/loadgen-compare.py --reps 3 --out out/loadgen-compare.json
 
 clean:
 	rm -rf target .kiln models/*/[0-9]*/ models/*/labels.txt

@@ -63,6 +63,7 @@ fn draw<DB: DrawingBackend>(root: DrawingArea<DB, Shift>, report: &Report) -> Re
         .configure_mesh()
         .x_desc("throughput (requests/s)")
         .y_desc("latency (ms)")
+        .x_label_formatter(&|v| format!("{v:.0}"))
         .y_label_formatter(&|v| format!("{v:.3}"))
         .draw()
         .map_err(|e| err(&e))?;
