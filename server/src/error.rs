@@ -109,6 +109,8 @@ impl ErrorKind {
 pub struct ApiError {
     pub kind: ErrorKind,
     pub message: String,
+    /// For 405: the methods the resource does accept (sent as `Allow`, which RFC 9110 requires).
+    pub allow: Option<&'static str>,
 }
 
 #[derive(Serialize)]
@@ -120,7 +122,12 @@ pub struct ErrorBody<'a> {
 
 impl ApiError {
     pub fn new(kind: ErrorKind, message: impl Into<String>) -> Self {
-        Self { kind, message: message.into() }
+        Self { kind, message: message.into(), allow: None }
+    }
+
+    /// 405 for `method` on a resource that accepts only `allow`.
+    pub fn method_not_allowed(method: &http::Method, allow: &'static str) -> Self {
+        Self { allow: Some(allow), ..Self::new(ErrorKind::MethodNotAllowed, format!("{method} is not allowed here")) }
     }
 
     /// An internal failure: logs the detail, tells the client only that it happened.

@@ -89,9 +89,8 @@ async fn route(state: &AppState, req: Request<Incoming>) -> Result<HttpResponse,
         }
         (&Method::POST, "/predict") => predict(state, req, Arity::One).await,
         (&Method::POST, "/predict/batch") => predict(state, req, Arity::Many).await,
-        (_, "/health" | "/metrics" | "/openapi.json" | "/predict" | "/predict/batch") => {
-            Err(ApiError::new(ErrorKind::MethodNotAllowed, format!("{} is not allowed here", req.method())))
-        }
+        (_, "/health" | "/metrics" | "/openapi.json") => Err(ApiError::method_not_allowed(req.method(), "GET")),
+        (_, "/predict" | "/predict/batch") => Err(ApiError::method_not_allowed(req.method(), "POST")),
         _ => Err(ApiError::new(ErrorKind::NotFound, "no such endpoint")),
     }
 }
@@ -129,6 +128,11 @@ pub fn error_response(e: &ApiError) -> HttpResponse {
         }
         ErrorKind::Unauthorized => {
             resp.headers_mut().insert(http::header::WWW_AUTHENTICATE, HeaderValue::from_static("Bearer"));
+        }
+        ErrorKind::MethodNotAllowed => {
+            if let Some(allow) = e.allow {
+                resp.headers_mut().insert(http::header::ALLOW, HeaderValue::from_static(allow));
+            }
         }
         _ => {}
     }

@@ -40,7 +40,7 @@ pub async fn route(state: &AppState, req: Request<Incoming>) -> Result<HttpRespo
                     Ok(json_response(StatusCode::OK, &body))
                 }
                 ["stats"] => Ok(json_response(StatusCode::OK, &statistics(&model))),
-                ["infer"] => Err(wrong_method(&method)),
+                ["infer"] => Err(ApiError::method_not_allowed(&method, "POST")),
                 _ => Err(not_found()),
             }
         }
@@ -48,7 +48,7 @@ pub async fn route(state: &AppState, req: Request<Incoming>) -> Result<HttpRespo
             let (model, rest) = resolve(state, name, rest)?;
             match rest {
                 ["infer"] => infer(state, &model, req).await,
-                [] | ["ready"] | ["stats"] => Err(wrong_method(&method)),
+                [] | ["ready"] | ["stats"] => Err(ApiError::method_not_allowed(&method, "GET")),
                 _ => Err(not_found()),
             }
         }
@@ -58,7 +58,10 @@ pub async fn route(state: &AppState, req: Request<Incoming>) -> Result<HttpRespo
             let action = *action;
             manage(state, &req, name, action).await
         }
-        (_, ["health", _] | [] | ["models", ..] | ["repository", ..]) => Err(wrong_method(&method)),
+        (_, ["health", _] | []) => Err(ApiError::method_not_allowed(&method, "GET")),
+        (_, ["repository", ..]) => Err(ApiError::method_not_allowed(&method, "POST")),
+        (_, ["models", .., "infer"]) => Err(ApiError::method_not_allowed(&method, "POST")),
+        (_, ["models", ..]) => Err(ApiError::method_not_allowed(&method, "GET")),
         _ => Err(not_found()),
     }
 }
@@ -105,10 +108,6 @@ async fn manage(
             ))
         }
     }
-}
-
-fn wrong_method(method: &Method) -> ApiError {
-    ApiError::new(ErrorKind::MethodNotAllowed, format!("{method} is not allowed here"))
 }
 
 fn not_found() -> ApiError {

@@ -710,3 +710,34 @@ async fn graceful_shutdown_finishes_in_flight_requests() -> anyhow::Result<()> {
     ensure!(after.is_err(), "the server still answers after shutdown: {after:?}");
     Ok(())
 }
+
+/// RFC 9110: a 405 answer must list what the resource accepts in `Allow`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn method_not_allowed_names_the_allowed_methods() -> anyhow::Result<()> {
+    let server = TestServer::start(default_config()?).await?;
+    let cases = [
+        (Method::GET, "/predict", "POST"),
+        (Method::PUT, "/predict/batch", "POST"),
+        (Method::POST, "/health", "GET"),
+        (Method::DELETE, "/metrics", "GET"),
+        (Method::PUT, "/v2/health/live", "GET"),
+        (Method::POST, "/v2", "GET"),
+        (Method::GET, "/v2/models/efficientnet_lite0/infer", "POST"),
+        (Method::PUT, "/v2/models/efficientnet_lite0/versions/1/infer", "POST"),
+        (Method::POST, "/v2/models/efficientnet_lite0", "GET"),
+        (Method::POST, "/v2/models/efficientnet_lite0/ready", "GET"),
+        (Method::GET, "/v2/repository/index", "POST"),
+    ];
+    for (proto, client) in clients()? {
+        for (method, path, allow) in &cases {
+            let resp = client.request(method.clone(), server.url(path)).send().await?;
+            let ctx = format!("{proto} {method} {path}");
+            ensure!(resp.status() == StatusCode::METHOD_NOT_ALLOWED, "{ctx}: status {}", resp.status());
+            let got = resp.headers().get("allow").and_then(|v| v.to_str().ok()).unwrap_or_default().to_string();
+            ensure!(got == *allow, "{ctx}: Allow {got:?}, expected {allow:?}");
+            let body: Value = resp.json().await?;
+            ensure!(body["type"] == "method_not_allowed", "{ctx}: body {body}");
+        }
+    }
+    server.shutdown().await
+}
