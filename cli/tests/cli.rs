@@ -6,9 +6,10 @@ use std::path::PathBuf;
 use std::process::{Child, Command, ExitStatus, Stdio};
 use std::sync::mpsc;
 use std::thread::JoinHandle;
-use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant};
 
 use anyhow::{Context, bail, ensure};
+use kiln_tests::TempDir;
 
 const KILN: &str = env!("CARGO_BIN_EXE_kiln");
 
@@ -120,25 +121,6 @@ fn run_to_end(cmd: Command, timeout: Duration) -> anyhow::Result<(ExitStatus, St
     }
     let stderr = running.stderr_text();
     Ok((status, stdout.join("\n"), stderr))
-}
-
-/// A unique scratch directory, removed on drop.
-#[derive(Debug)]
-struct TempDir(PathBuf);
-
-impl TempDir {
-    fn new(tag: &str) -> anyhow::Result<Self> {
-        let nanos = SystemTime::now().duration_since(UNIX_EPOCH)?.as_nanos();
-        let path = std::env::temp_dir().join(format!("kiln-cli-{tag}-{}-{nanos}", std::process::id()));
-        std::fs::create_dir_all(&path).with_context(|| format!("creating {}", path.display()))?;
-        Ok(Self(path))
-    }
-}
-
-impl Drop for TempDir {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.0);
-    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

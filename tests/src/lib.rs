@@ -94,6 +94,29 @@ pub fn clients() -> anyhow::Result<[(&'static str, reqwest::Client); 2]> {
     Ok([("http/1.1", h1), ("h2c", h2)])
 }
 
+/// A unique scratch directory under the system's temp dir, removed on drop.
+#[derive(Debug)]
+pub struct TempDir(pub PathBuf);
+
+impl TempDir {
+    pub fn new(tag: &str) -> anyhow::Result<Self> {
+        let nanos = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH)?.as_nanos();
+        let path = std::env::temp_dir().join(format!("kiln-{tag}-{}-{nanos}", std::process::id()));
+        std::fs::create_dir_all(&path).with_context(|| format!("creating {}", path.display()))?;
+        Ok(Self(path))
+    }
+
+    pub fn path(&self, name: &str) -> PathBuf {
+        self.0.join(name)
+    }
+}
+
+impl Drop for TempDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
 /// A throwaway model repository holding the default model with an edited
 /// `config.toml`; the model and labels are symlinked, not copied. Removed on drop.
 #[derive(Debug)]

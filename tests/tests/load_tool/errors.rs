@@ -115,7 +115,7 @@ async fn answers_missing_the_checked_fields_are_bad_bodies() -> anyhow::Result<(
         respond(StatusCode::OK, "{\"status\":\"ok\"}")
     })
     .await?;
-    let images = TempDir::images("badbody", &[("daisy", "flower.jpg")])?;
+    let images = image_dir("badbody", &[("daisy", "flower.jpg")])?;
     let file = images.path("tensors.json");
     std::fs::write(&file, r#"{"inputs":[{"name":"INPUT0","shape":[1,2],"datatype":"FP32","data":[1,2]}]}"#)?;
     let mut v2 = closed(&stub.url("/"), 1, true);

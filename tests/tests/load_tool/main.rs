@@ -10,10 +10,10 @@
 use std::convert::Infallible;
 use std::future::Future;
 use std::net::SocketAddr;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, LazyLock};
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::Duration;
 
 use anyhow::{Context, ensure};
 use bytes::Bytes;
@@ -26,7 +26,7 @@ use kiln_bench::load::{
     Arrival, LevelReport, LoadConfig, LoadError, Mode, PayloadKind, PayloadSpec, Report, Timing, TlsOptions, plot, run,
 };
 use kiln_server::TlsFiles;
-use kiln_tests::{TestServer, default_config, photo, test_models_config};
+use kiln_tests::{TempDir, TestServer, default_config, photo, test_models_config};
 use serde_json::Value;
 use tokio::io::AsyncReadExt;
 use tokio::net::TcpListener;
@@ -98,38 +98,15 @@ fn ensure_clean(level: &LevelReport, what: &str) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// A unique scratch directory under the system's temp dir, removed on drop.
-#[derive(Debug)]
-struct TempDir(PathBuf);
-
-impl TempDir {
-    fn new(tag: &str) -> anyhow::Result<Self> {
-        let nanos = SystemTime::now().duration_since(UNIX_EPOCH)?.as_nanos();
-        let path = std::env::temp_dir().join(format!("kiln-load-{tag}-{}-{nanos}", std::process::id()));
-        std::fs::create_dir_all(&path).with_context(|| format!("creating {}", path.display()))?;
-        Ok(Self(path))
+/// A folder of sample photos, each `(label, photo)` written to `<dir>/<label>/<photo>`.
+fn image_dir(tag: &str, layout: &[(&str, &str)]) -> anyhow::Result<TempDir> {
+    let dir = TempDir::new(tag)?;
+    for (label, name) in layout {
+        let sub = dir.path(label);
+        std::fs::create_dir_all(&sub)?;
+        std::fs::write(sub.join(name), photo(name)?)?;
     }
-
-    /// A folder of sample photos, each `(label, photo)` written to `<dir>/<label>/<photo>`.
-    fn images(tag: &str, layout: &[(&str, &str)]) -> anyhow::Result<Self> {
-        let dir = Self::new(tag)?;
-        for (label, name) in layout {
-            let sub = dir.0.join(label);
-            std::fs::create_dir_all(&sub)?;
-            std::fs::write(sub.join(name), photo(name)?)?;
-        }
-        Ok(dir)
-    }
-
-    fn path(&self, name: &str) -> PathBuf {
-        self.0.join(name)
-    }
-}
-
-impl Drop for TempDir {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.0);
-    }
+    Ok(dir)
 }
 
 fn predict(url: &str, kind: PayloadKind, images: &Path, http2: bool) -> LoadConfig {

@@ -8,7 +8,7 @@ use super::*;
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn predict_closed_loop_over_h1_and_h2_checks_labels() -> anyhow::Result<()> {
     let _guard = shared().await;
-    let images = TempDir::images("predict", &[("daisy", "flower.jpg"), ("palace", "china.jpg")])?;
+    let images = image_dir("predict", &[("daisy", "flower.jpg"), ("palace", "china.jpg")])?;
     let server = TestServer::start(default_config()?).await?;
     for http2 in [false, true] {
         let report = load(&predict(&server.url("/"), PayloadKind::Predict, &images.0, http2)).await?;
@@ -29,7 +29,7 @@ async fn predict_closed_loop_over_h1_and_h2_checks_labels() -> anyhow::Result<()
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn predict_batch_counts_items_and_scrapes_server_metrics() -> anyhow::Result<()> {
     let _guard = shared().await;
-    let images = TempDir::images("batch", &[("daisy", "flower.jpg"), ("palace", "china.jpg")])?;
+    let images = image_dir("batch", &[("daisy", "flower.jpg"), ("palace", "china.jpg")])?;
     let server = TestServer::start(default_config()?).await?;
     let mut config = predict(&server.url("/"), PayloadKind::PredictBatch, &images.0, true);
     config.payload.batch_files = 2;
@@ -45,7 +45,7 @@ async fn predict_batch_counts_items_and_scrapes_server_metrics() -> anyhow::Resu
     ensure!(report.table().contains("batch"), "the table lacks the server columns:\n{}", report.table());
 
     // A folder named after the wrong label: every answer is a wrong answer, none a success.
-    let tiger = TempDir::images("tiger", &[("tiger", "flower.jpg")])?;
+    let tiger = image_dir("tiger", &[("tiger", "flower.jpg")])?;
     let report = load(&predict(&server.url("/"), PayloadKind::Predict, &tiger.0, false)).await?;
     let level = only(&report)?;
     ensure!(error(level, "wrong_answer") > 0, "no wrong_answer counted: {level:#?}");
