@@ -14,7 +14,7 @@ use tokio_rustls::TlsConnector;
 use tokio_rustls::rustls::{self, ClientConfig, DigitallySignedStruct, RootCertStore, SignatureScheme};
 
 use super::LoadError;
-use super::h1::{H1, Stream};
+use super::h1::{H1, MAX_BODY, Stream};
 use super::payload::{Mismatch, Target, Template, check, wire};
 use super::stats::Failure;
 
@@ -161,6 +161,9 @@ pub(crate) async fn exchange(
                     let chunk = chunk.map_err(|_| Failure::Io)?;
                     let _ = body.flow_control().release_capacity(chunk.len());
                     if check_body {
+                        if kept.len() + chunk.len() > MAX_BODY {
+                            return Err(Failure::BadBody);
+                        }
                         kept.extend_from_slice(&chunk);
                     }
                 }

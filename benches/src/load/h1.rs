@@ -74,6 +74,9 @@ pub(crate) struct H1 {
 const MAX_HEADERS: usize = 64;
 /// Largest answer head accepted.
 const MAX_HEAD: usize = 64 << 10;
+/// Largest answer body kept: a bigger (or endless) one counts as a bad body, so a
+/// misbehaving server cannot make the client grow without bound.
+pub(crate) const MAX_BODY: usize = 256 << 20;
 
 impl H1 {
     pub(crate) fn new(stream: Stream) -> Self {
@@ -114,6 +117,7 @@ impl H1 {
         let bodyless = status == 204 || status == 304;
         let range = match framing {
             _ if bodyless => head_len..head_len,
+            Framing::Length(n) if n > MAX_BODY => return Err(self.fail(Failure::BadBody)),
             Framing::Length(n) => {
                 while self.buf.len() < head_len + n {
                     if self.fill().await? == 0 {
@@ -151,6 +155,9 @@ impl H1 {
     }
 
     async fn fill(&mut self) -> Result<usize, Failure> {
+        if self.buf.len() > MAX_HEAD + MAX_BODY {
+            return Err(self.fail(Failure::BadBody));
+        }
         if self.buf.capacity() - self.buf.len() < 4096 {
             self.buf.reserve(16 << 10);
         }
@@ -216,6 +223,9 @@ fn decode_chunked(data: &[u8], out: &mut Vec<u8>) -> Result<Option<usize>, ()> {
                 }
             }
         }
+        if size > MAX_BODY {
+            return Err(());
+        }
         if data.len() < pos + size + 2 {
             return Ok(None);
         }
@@ -259,5 +269,6 @@ mod tests {
         }
         assert_eq!(decode_chunked(b"zz\r\n", &mut out), Err(()));
         assert_eq!(decode_chunked(b"2\r\nabcd\r\n", &mut out), Err(()));
+        assert_eq!(decode_chunked(b"ffffffffffffffff\r\n", &mut out), Err(()));
     }
 }

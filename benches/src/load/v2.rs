@@ -23,6 +23,9 @@ pub(crate) struct Tensor {
     pub data: Vec<Value>,
 }
 
+/// Most elements one generated or loaded tensor may hold (a request body of a few hundred MB).
+const MAX_ELEMENTS: i64 = 64 << 20;
+
 fn bad(msg: String) -> LoadError {
     LoadError::InvalidArgument(msg)
 }
@@ -46,7 +49,7 @@ pub(crate) fn inputs_from_metadata(body: &[u8], batch: usize) -> Result<Vec<Inpu
             for (axis, d) in dims.iter().enumerate() {
                 let d = d.as_i64().ok_or_else(|| bad(format!("input '{name}': shape holds a non-integer")))?;
                 shape.push(match d {
-                    -1 if axis == 0 => batch as i64,
+                    -1 if axis == 0 => i64::try_from(batch).unwrap_or(i64::MAX),
                     d if d < 0 => {
                         return Err(bad(format!(
                             "input '{name}' has a dynamic dimension {axis}; give the tensors with --tensors FILE"
@@ -54,6 +57,10 @@ pub(crate) fn inputs_from_metadata(body: &[u8], batch: usize) -> Result<Vec<Inpu
                     }
                     d => d,
                 });
+            }
+            let elements = shape.iter().try_fold(1i64, |n, d| n.checked_mul(*d));
+            if elements.is_none_or(|n| !(0..=MAX_ELEMENTS).contains(&n)) {
+                return Err(bad(format!("input '{name}': shape {shape:?} exceeds {MAX_ELEMENTS} elements")));
             }
             Ok(InputSpec { name: name.into(), datatype: datatype.into(), shape })
         })
@@ -175,6 +182,8 @@ mod tests {
         let meta = br#"{"inputs":[{"name":"x","datatype":"FP32","shape":[-1,3]}]}"#;
         let inputs = inputs_from_metadata(meta, 4)?;
         assert_eq!(inputs, vec![InputSpec { name: "x".into(), datatype: "FP32".into(), shape: vec![4, 3] }]);
+        let huge = br#"{"inputs":[{"name":"x","datatype":"FP32","shape":[4611686018427387904,4]}]}"#;
+        assert!(inputs_from_metadata(huge, 1).is_err());
         let dynamic = br#"{"inputs":[{"name":"ids","datatype":"INT64","shape":[-1,-1]}]}"#;
         let err = inputs_from_metadata(dynamic, 1).err().map(|e| e.to_string()).unwrap_or_default();
         assert!(err.contains("dynamic dimension 1"), "{err}");
