@@ -4,12 +4,24 @@ CARGO ?= cargo
 HOST ?= 127.0.0.1
 PORT ?= 8000
 export KILN_ORT_LIBRARY ?= $(CURDIR)/.kiln/lib/libonnxruntime.so
+# libtorch for the trainer (installed by `scripts/setup --trainer`); serving never links it.
+export LIBTORCH ?= $(CURDIR)/.kiln/libtorch
+# Open MPI refuses root unless told; CI runs as root.
+export OMPI_ALLOW_RUN_AS_ROOT ?= 1
+export OMPI_ALLOW_RUN_AS_ROOT_CONFIRM ?= 1
 
-.PHONY: setup build serve test lint fmt bench bench-load clean
+.PHONY: setup setup-trainer build build-trainer serve test lint fmt bench bench-load bench-train train-fashion clean
 
 ## setup: Python venv, ONNX Runtime library, EfficientNet-Lite0 import, sample photos (idempotent)
 setup:
 	@bash scripts/setup
+
+## setup-trainer: setup + libtorch (PyPI torch 2.11.0), Open MPI, Fashion-MNIST, MiniLM-L6 (idempotent)
+setup-trainer:
+	@bash scripts/setup --trainer
+
+build-trainer: setup-trainer
+	$(CARGO) build --release -p kiln-trainer
 
 build: setup
 	$(CARGO) build --release -p kiln-cli
@@ -19,7 +31,7 @@ serve: build
 	./target/release/kiln serve --host $(HOST) --port $(PORT) --model-repository models
 
 ## test: formatting, lints, and every test of the workspace
-test: setup
+test: setup-trainer
 	$(CARGO) fmt --all -- --check
 	$(CARGO) clippy --workspace --all-targets --locked -- -D warnings
 	$(CARGO) test --workspace --locked
@@ -41,5 +53,14 @@ bench-load:
 	$(CARGO) build --release -p kiln-cli -p kiln-bench
 	python3 benches/scripts/loadgen-compare.py --reps 3 --out out/loadgen-compare.json
 
+## train-fashion: train the small CNN on Fashion-MNIST (CPU) and export it to models/fashion_mnist
+train-fashion: build-trainer
+	./target/release/kiln-train fit --model small-cnn --data fashion-mnist --epochs 5 --out runs/fashion-mnist
+	./target/release/kiln-train export --checkpoint runs/fashion-mnist --out models/fashion_mnist/1/model.onnx --force
+
+## bench-train: ResNet-18 training step, kiln-train vs PyTorch (same libtorch), and DDP 1 vs 2 processes
+bench-train: build-trainer
+	bash benches/scripts/train-step.sh
+
 clean:
-	rm -rf target .kiln models/*/[0-9]*/ models/*/labels.txt
+	rm -rf target .kiln runs models/*/[0-9]*/ models/*/labels.txt

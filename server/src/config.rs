@@ -157,6 +157,18 @@ impl ModelConfig {
 pub enum ColorOrder {
     Rgb,
     Bgr,
+    /// One channel: luma `0.299 R + 0.587 G + 0.114 B` (ITU-R 601, as PIL's "L" mode);
+    /// only the first entry of mean/std (or scale/offset) applies.
+    Gray,
+}
+
+impl ColorOrder {
+    pub fn channels(self) -> usize {
+        match self {
+            ColorOrder::Rgb | ColorOrder::Bgr => 3,
+            ColorOrder::Gray => 1,
+        }
+    }
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]

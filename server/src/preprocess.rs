@@ -130,14 +130,15 @@ impl Preprocess {
 
     /// The per-image tensor shape (without the batch axis).
     pub fn item_shape(&self) -> [usize; 3] {
+        let c = self.color.channels();
         match self.layout {
-            Layout::Nchw => [3, self.out_h, self.out_w],
-            Layout::Nhwc => [self.out_h, self.out_w, 3],
+            Layout::Nchw => [c, self.out_h, self.out_w],
+            Layout::Nhwc => [self.out_h, self.out_w, c],
         }
     }
 
     pub fn item_len(&self) -> usize {
-        3 * self.out_h * self.out_w
+        self.color.channels() * self.out_h * self.out_w
     }
 
     /// Size of the image after the aspect-keeping resize (height, width).
@@ -166,23 +167,28 @@ impl Preprocess {
         let xs = Axis::new(w, rw, left, self.out_w);
         let src = image.as_raw();
         let plane = self.out_h * self.out_w;
-        let channel_of = |c: usize| match self.color {
-            ColorOrder::Rgb => c,
-            ColorOrder::Bgr => 2 - c,
-        };
+        let channels = self.color.channels();
         for oy in 0..self.out_h {
             let (row0, row1, fy) = (ys.lo[oy] * w * 3, ys.hi[oy] * w * 3, ys.frac[oy]);
             for ox in 0..self.out_w {
                 let (x0, x1, fx) = (xs.lo[ox] * 3, xs.hi[ox] * 3, xs.frac[ox]);
-                for c in 0..3 {
-                    let sc = channel_of(c);
+                // Bilinear interpolation is linear, so the luma of the interpolated pixel
+                // equals the interpolated luma.
+                let sample = |sc: usize| {
                     let p = |i: usize| f32::from(src[i + sc]);
                     let top_v = p(row0 + x0) + (p(row0 + x1) - p(row0 + x0)) * fx;
                     let bot_v = p(row1 + x0) + (p(row1 + x1) - p(row1 + x0)) * fx;
-                    let v = top_v + (bot_v - top_v) * fy;
+                    top_v + (bot_v - top_v) * fy
+                };
+                for c in 0..channels {
+                    let v = match self.color {
+                        ColorOrder::Rgb => sample(c),
+                        ColorOrder::Bgr => sample(2 - c),
+                        ColorOrder::Gray => 0.299 * sample(0) + 0.587 * sample(1) + 0.114 * sample(2),
+                    };
                     let idx = match self.layout {
                         Layout::Nchw => c * plane + oy * self.out_w + ox,
-                        Layout::Nhwc => (oy * self.out_w + ox) * 3 + c,
+                        Layout::Nhwc => (oy * self.out_w + ox) * channels + c,
                     };
                     out[idx] = v * self.scale[c] + self.offset[c];
                 }
@@ -221,6 +227,23 @@ mod tests {
         p.run(&img, &mut out);
         let expected: Vec<f32> = img.as_raw().iter().map(|&v| f32::from(v)).collect();
         assert_eq!(out, expected);
+        Ok(())
+    }
+
+    #[test]
+    fn gray_is_one_channel_of_luma_with_the_first_normalisation() -> Result<(), String> {
+        let img = gradient(3, 2);
+        let mut c = config(None, [2, 3], ColorOrder::Gray, Layout::Nchw);
+        c.mean = Some([10.0, 99.0, 99.0]);
+        c.std = Some([2.0, 99.0, 99.0]);
+        let p = Preprocess::new(&c)?;
+        assert_eq!(p.item_shape(), [1, 2, 3]);
+        let mut out = vec![f32::NAN; p.item_len()];
+        p.run(&img, &mut out);
+        for (i, px) in img.pixels().enumerate() {
+            let luma = 0.299 * f32::from(px[0]) + 0.587 * f32::from(px[1]) + 0.114 * f32::from(px[2]);
+            assert!((out[i] - (luma - 10.0) / 2.0).abs() < 1e-4, "pixel {i}: {} vs {luma}", out[i]);
+        }
         Ok(())
     }
 

@@ -1,7 +1,6 @@
 //! `--plot file.svg|png`: latency percentiles against throughput, one point per level.
 
-use std::path::{Path, PathBuf};
-use std::sync::OnceLock;
+use std::path::Path;
 
 use plotters::coord::Shift;
 use plotters::prelude::*;
@@ -10,24 +9,19 @@ use super::{LoadError, Report};
 
 const SIZE: (u32, u32) = (960, 600);
 
-/// Fonts tried when `--font` is not given (Debian/Ubuntu's fonts-dejavu-core first).
-const FONT_CANDIDATES: [&str; 4] = [
-    "/usr/share/fonts/truetype/dejavu/DejaVuSans.ttf",
-    "/usr/share/fonts/TTF/DejaVuSans.ttf",
-    "/usr/share/fonts/dejavu/DejaVuSans.ttf",
-    "/usr/share/fonts/truetype/liberation/LiberationSans-Regular.ttf",
-];
-
 /// Draws the report's levels to `path`; the format follows the extension.
 pub fn plot(report: &Report, path: &Path, font: Option<&Path>) -> Result<(), LoadError> {
-    register_font(font)?;
-    if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
-        std::fs::create_dir_all(dir).map_err(|e| LoadError::io(dir, e))?;
-    }
-    match path.extension().and_then(|e| e.to_str()).map(str::to_ascii_lowercase).as_deref() {
-        Some("svg") => draw(SVGBackend::new(path, SIZE).into_drawing_area(), report),
-        Some("png") => draw(BitMapBackend::new(path, SIZE).into_drawing_area(), report),
-        _ => Err(LoadError::InvalidArgument(format!("{}: the plot must be a .svg or .png file", path.display()))),
+    kiln_plot::render(&LatencyFigure(report), path, SIZE, font).map_err(LoadError::Plot)
+}
+
+struct LatencyFigure<'a>(&'a Report);
+
+impl kiln_plot::Figure for LatencyFigure<'_> {
+    fn draw<DB: DrawingBackend>(&self, root: DrawingArea<DB, Shift>) -> Result<(), String> {
+        draw(root, self.0).map_err(|e| match e {
+            LoadError::Plot(m) => m,
+            other => other.to_string(),
+        })
     }
 }
 
@@ -93,27 +87,4 @@ fn draw<DB: DrawingBackend>(root: DrawingArea<DB, Shift>, report: &Report) -> Re
         .map_err(|e| err(&e))?;
     root.present().map_err(|e| err(&e))?;
     Ok(())
-}
-
-/// plotters renders text with a TrueType font registered at run time; the first one
-/// registered stays for the process.
-fn register_font(explicit: Option<&Path>) -> Result<(), LoadError> {
-    static REGISTERED: OnceLock<Result<PathBuf, String>> = OnceLock::new();
-    let result = REGISTERED.get_or_init(|| {
-        let candidates: Vec<PathBuf> = match explicit {
-            Some(p) => vec![p.to_path_buf()],
-            None => FONT_CANDIDATES.iter().map(PathBuf::from).collect(),
-        };
-        let path = candidates
-            .into_iter()
-            .find(|p| p.is_file())
-            .ok_or_else(|| "no TrueType font found; install fonts-dejavu-core or pass --font FILE.ttf".to_string())?;
-        let bytes = std::fs::read(&path).map_err(|e| format!("{}: {e}", path.display()))?;
-        // plotters keeps fonts for the life of the process.
-        let bytes: &'static [u8] = Box::leak(bytes.into_boxed_slice());
-        plotters::style::register_font("sans-serif", FontStyle::Normal, bytes)
-            .map_err(|_| format!("{} is not a usable TrueType font", path.display()))?;
-        Ok(path)
-    });
-    result.as_ref().map(|_| ()).map_err(|e| LoadError::Plot(e.clone()))
 }
