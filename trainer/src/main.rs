@@ -104,6 +104,9 @@ struct FitArgs {
     image_size: Option<i64>,
     #[arg(long)]
     dropout: Option<f64>,
+    /// Small CNN without batch normalisation (conv biases instead).
+    #[arg(long)]
+    no_batch_norm: bool,
     #[arg(long, default_value_t = 5)]
     epochs: u64,
     /// Global batch size (all ranks together).
@@ -255,17 +258,26 @@ fn fit(a: FitArgs) -> Result<()> {
     };
     let options =
         FitOptions { run_dir: a.out.clone(), resume: a.resume.clone(), progress: !a.no_progress && ddp.is_root() };
-    let report = train::fit(config, &options, &ddp)?;
+    let report = match train::fit(config, &options, &ddp) {
+        Ok(r) => r,
+        // The other ranks would wait forever in their next collective.
+        Err(e) if world.size > 1 => {
+            eprintln!("kiln-train: rank {}: {e}", world.rank);
+            ddp.abort(1)
+        }
+        Err(e) => return Err(e.into()),
+    };
     if ddp.is_root() {
         let last = report.history.last();
         println!(
-            "{{\"steps\": {}, \"epochs\": {}, \"eval_accuracy\": {}, \"eval_loss\": {}, \"checkpoint\": {:?}, \"world_size\": {}}}",
+            "{{\"steps\": {}, \"epochs\": {}, \"eval_accuracy\": {}, \"eval_loss\": {}, \"checkpoint\": {:?}, \"world_size\": {}, \"replica_fingerprints\": {:?}}}",
             report.steps,
             report.history.len(),
             last.map(|m| m.eval_accuracy).unwrap_or(f64::NAN),
             last.map(|m| m.eval_loss).unwrap_or(f64::NAN),
             report.last_checkpoint.as_ref().map(|p| p.display().to_string()).unwrap_or_default(),
-            world.size
+            world.size,
+            report.replica_fingerprints
         );
     }
     Ok(())
@@ -289,6 +301,9 @@ fn model_config(a: &FitArgs) -> Result<ModelConfig> {
     }
     if let Some(p) = a.dropout {
         m.dropout = p;
+    }
+    if a.no_batch_norm {
+        m.batch_norm = false;
     }
     if a.data == DataKind::ImageFolder {
         m.in_channels = 3;

@@ -128,6 +128,8 @@ pub struct FitReport {
     pub history: Vec<EpochMetrics>,
     pub steps: u64,
     pub last_checkpoint: Option<PathBuf>,
+    /// Each rank's weight fingerprint at the end (all equal, or `fit` fails).
+    pub replica_fingerprints: Vec<f64>,
 }
 
 /// The model with its variables, on a device.
@@ -380,8 +382,32 @@ pub fn fit(config: FitConfig, options: &FitOptions, ddp: &Ddp) -> Result<FitRepo
         let meta = meta_of(&config, &classes, epoch, step, step_in_epoch, &scaler, world.size, &history);
         last_checkpoint = save_on_root(ddp, &options.run_dir, &built, &optimizer, &meta)?.or(last_checkpoint);
     }
-    ddp.barrier()?;
-    Ok(FitReport { history, steps: step, last_checkpoint })
+    let replica_fingerprints = replica_fingerprints(&built, ddp)?;
+    if replica_fingerprints.iter().any(|f| f.to_bits() != replica_fingerprints[0].to_bits()) {
+        return Err(TrainError::Distributed(format!(
+            "the replicas diverged: weight fingerprints {replica_fingerprints:?}"
+        )));
+    }
+    Ok(FitReport { history, steps: step, last_checkpoint, replica_fingerprints })
+}
+
+/// One number per rank summarising its weights (every variable, in name order), so
+/// ranks can check they still hold the same model. Identical weights give identical bits.
+fn replica_fingerprints(built: &Built, ddp: &Ddp) -> Result<Vec<f64>, TrainError> {
+    let mut fp = 0.0f64;
+    tch::no_grad(|| -> Result<(), TrainError> {
+        for (i, (_, t)) in built.variables().iter().enumerate() {
+            let t = t.f_to_kind(Kind::Double)?;
+            // Position-weighted, so swapped or sign-flipped tensors do not cancel out.
+            let w = Tensor::f_arange(t.numel() as i64, (Kind::Double, t.device()))?.f_add_scalar(1.0 + i as f64)?;
+            fp += t.f_flatten(0, -1)?.f_dot(&w)?.f_double_value(&[])?;
+        }
+        Ok(())
+    })?;
+    let world = ddp.world();
+    let mut slots = vec![0.0; world.size];
+    slots[world.rank] = fp;
+    ddp.sum_f64(&slots)
 }
 
 fn validate(config: &FitConfig, world: usize) -> Result<(), TrainError> {

@@ -16,7 +16,7 @@ const HIDDEN: i64 = 256;
 /// The small CNN. Parameter names: `conv{1..4}.weight`, `bn{1..4}.*`, `fc1.*`, `fc2.*`.
 #[derive(Debug)]
 pub struct SmallCnn {
-    convs: Vec<(Conv2d, BatchNorm)>,
+    convs: Vec<(Conv2d, Option<BatchNorm>)>,
     fc1: Linear,
     fc2: Linear,
     dropout: f64,
@@ -37,9 +37,10 @@ impl SmallCnn {
         let mut convs = Vec::with_capacity(WIDTHS.len());
         let mut in_c = cfg.in_channels;
         for (i, &out_c) in WIDTHS.iter().enumerate() {
-            // No conv bias: the batch norm right after it would cancel it.
-            let conv = conv2d(&(path / format!("conv{}", i + 1)), in_c, out_c, 3, 1, 1, false, KAIMING_FAN_OUT)?;
-            let bn = batch_norm(&(path / format!("bn{}", i + 1)), out_c)?;
+            // No conv bias before a batch norm: it would cancel it.
+            let bias = !cfg.batch_norm;
+            let conv = conv2d(&(path / format!("conv{}", i + 1)), in_c, out_c, 3, 1, 1, bias, KAIMING_FAN_OUT)?;
+            let bn = if cfg.batch_norm { Some(batch_norm(&(path / format!("bn{}", i + 1)), out_c)?) } else { None };
             convs.push((conv, bn));
             in_c = out_c;
         }
@@ -73,7 +74,10 @@ impl Network for SmallCnn {
         let mut features: Option<O::T> = None;
         for (i, (conv, bn)) in self.convs.iter().enumerate() {
             let y = ops.conv2d(features.as_ref().unwrap_or(image), conv)?;
-            let y = ops.batch_norm(&y, bn)?;
+            let y = match bn {
+                Some(bn) => ops.batch_norm(&y, bn)?,
+                None => y,
+            };
             let mut y = ops.relu(&y)?;
             if i % 2 == 1 {
                 y = ops.max_pool2d(&y, pool)?;

@@ -70,17 +70,42 @@ pub struct ModelConfig {
     /// Required when `arch` is [`Arch::Bert`].
     #[serde(default)]
     pub bert: Option<BertConfig>,
+    /// Batch normalisation in the small CNN (conv biases instead when off). Off makes each
+    /// example's gradient independent of the rest of its batch, which is what lets a
+    /// data-parallel run equal a single-process one exactly.
+    #[serde(default = "default_true")]
+    pub batch_norm: bool,
+}
+
+fn default_true() -> bool {
+    true
 }
 
 impl ModelConfig {
     /// The small CNN for 28×28 grey images (Fashion-MNIST).
     pub fn small_cnn(num_classes: i64) -> Self {
-        ModelConfig { arch: Arch::SmallCnn, num_classes, in_channels: 1, image_size: 28, dropout: 0.25, bert: None }
+        ModelConfig {
+            arch: Arch::SmallCnn,
+            num_classes,
+            in_channels: 1,
+            image_size: 28,
+            dropout: 0.25,
+            bert: None,
+            batch_norm: true,
+        }
     }
 
     /// ResNet-18 on 224×224 RGB images.
     pub fn resnet18(num_classes: i64) -> Self {
-        ModelConfig { arch: Arch::Resnet18, num_classes, in_channels: 3, image_size: 224, dropout: 0.0, bert: None }
+        ModelConfig {
+            arch: Arch::Resnet18,
+            num_classes,
+            in_channels: 3,
+            image_size: 224,
+            dropout: 0.0,
+            bert: None,
+            batch_norm: true,
+        }
     }
 
     /// ResNet-50 on 224×224 RGB images.
@@ -94,7 +119,15 @@ impl ModelConfig {
             BertHead::Embeddings => 0,
             BertHead::Classifier { num_labels } => num_labels,
         };
-        ModelConfig { arch: Arch::Bert, num_classes, in_channels: 0, image_size: 0, dropout: 0.0, bert: Some(bert) }
+        ModelConfig {
+            arch: Arch::Bert,
+            num_classes,
+            in_channels: 0,
+            image_size: 0,
+            dropout: 0.0,
+            bert: Some(bert),
+            batch_norm: false,
+        }
     }
 
     /// Checks the fields the chosen architecture uses.
