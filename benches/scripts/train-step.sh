@@ -16,12 +16,6 @@ amp=()
 out=${OUT_DIR:-$root/out}
 mkdir -p "$out/train-step"
 
-# torchvision for the reference model: the pinned wheel scripts/setup already fetched, no deps.
-if ! "$py" -c 'import torchvision' 2>/dev/null; then
-  whl=$(ls "$root"/.kiln/cache/torchvision-0.26.0-*.whl)
-  "$py" -m pip install -q --disable-pip-version-check --no-deps "$whl"
-fi
-
 for r in $(seq 1 "$reps"); do
   "$kt" bench-step --model resnet18 --batch-size "$batch" --image-size "$image" --steps "$steps" \
     --device "$device" "${amp[@]}" --json "$out/train-step/kiln-$r.json"

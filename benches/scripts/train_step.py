@@ -1,7 +1,8 @@
 #!/usr/bin/env python3
 """One ResNet training step in PyTorch, timed exactly as `kiln-train bench-step` times it.
 
-Same model (torchvision's ResNet), same synthetic batch, same loss, same optimizer (AdamW,
+Same model (torchvision's ResNet layout, v1.5 strides; torchvision itself when it
+imports, else the equivalent definition below), same synthetic batch, same loss, same optimizer (AdamW,
 weight decay 0.05 on tensors with more than one dimension, lr 1e-3), same libtorch.
 """
 import argparse
@@ -10,8 +11,66 @@ import statistics
 import time
 
 import torch
+import torch.nn as nn
 import torch.nn.functional as F
-import torchvision
+
+try:
+    import torchvision
+except ImportError:  # torchvision needs numpy and pillow, which the trainer's venv lacks
+    torchvision = None
+
+
+class Block(nn.Module):
+    def __init__(self, cin, width, stride, bottleneck):
+        super().__init__()
+        out = width * (4 if bottleneck else 1)
+        if bottleneck:
+            self.convs = nn.ModuleList([nn.Conv2d(cin, width, 1, bias=False),
+                                        nn.Conv2d(width, width, 3, stride, 1, bias=False),
+                                        nn.Conv2d(width, out, 1, bias=False)])
+            self.bns = nn.ModuleList([nn.BatchNorm2d(width), nn.BatchNorm2d(width), nn.BatchNorm2d(out)])
+        else:
+            self.convs = nn.ModuleList([nn.Conv2d(cin, width, 3, stride, 1, bias=False),
+                                        nn.Conv2d(width, width, 3, 1, 1, bias=False)])
+            self.bns = nn.ModuleList([nn.BatchNorm2d(width), nn.BatchNorm2d(width)])
+        self.down = None
+        if stride != 1 or cin != out:
+            self.down = nn.Sequential(nn.Conv2d(cin, out, 1, stride, bias=False), nn.BatchNorm2d(out))
+        self.out = out
+
+    def forward(self, x):
+        y = x
+        for i, (c, b) in enumerate(zip(self.convs, self.bns)):
+            y = b(c(y))
+            if i < len(self.convs) - 1:
+                y = F.relu(y)
+        return F.relu(y + (self.down(x) if self.down is not None else x))
+
+
+class ResNet(nn.Module):
+    def __init__(self, layers, bottleneck, num_classes):
+        super().__init__()
+        self.stem = nn.Sequential(nn.Conv2d(3, 64, 7, 2, 3, bias=False), nn.BatchNorm2d(64), nn.ReLU(),
+                                  nn.MaxPool2d(3, 2, 1))
+        blocks, cin = [], 64
+        for i, n in enumerate(layers):
+            for j in range(n):
+                b = Block(cin, 64 * 2 ** i, 2 if (j == 0 and i > 0) else 1, bottleneck)
+                blocks.append(b)
+                cin = b.out
+        self.blocks = nn.Sequential(*blocks)
+        self.fc = nn.Linear(cin, num_classes)
+
+    def forward(self, x):
+        return self.fc(torch.flatten(F.adaptive_avg_pool2d(self.blocks(self.stem(x)), 1), 1))
+
+
+def build(name, num_classes):
+    if torchvision is not None:
+        return getattr(torchvision.models, name)(num_classes=num_classes)
+    if name == "resnet18":
+        return ResNet([2, 2, 2, 2], False, num_classes)
+    return ResNet([3, 4, 6, 3], True, num_classes)
 
 
 def main():
@@ -30,7 +89,9 @@ def main():
     if a.threads:
         torch.set_num_threads(a.threads)
     dev = torch.device(a.device)
-    model = getattr(torchvision.models, a.model)(num_classes=a.num_classes).to(dev).train()
+    model = build(a.model, a.num_classes).to(dev).train()
+    assert sum(p.numel() for p in model.parameters()) == {"resnet18": 11689512, "resnet50": 25557032}[a.model] - (
+        1000 - a.num_classes) * ({"resnet18": 513, "resnet50": 2049}[a.model])
     decay = [p for p in model.parameters() if p.dim() > 1]
     no_decay = [p for p in model.parameters() if p.dim() <= 1]
     opt = torch.optim.AdamW(
@@ -63,6 +124,7 @@ def main():
     med = statistics.median(times)
     report = {
         "implementation": f"PyTorch {torch.__version__} (Python)",
+        "model_source": "torchvision" if torchvision is not None else "inline",
         "model": a.model,
         "batch_size": a.batch_size,
         "image_size": a.image_size,
@@ -77,8 +139,8 @@ def main():
     }
     print(
         f"{'PyTorch (Python)':<20} {a.model:<9} batch {a.batch_size:>4} {a.image_size:>4}px {str(dev):<8} "
-        f"threads {report['threads']:>2} ranks 1 | median {med:>9.2} ms  mean {report['mean_ms']:>9.2} ms  "
-        f"{report['images_per_second']:>9.1} img/s"
+        f"threads {report['threads']:>2} ranks 1 | median {med:>9.2f} ms  mean {report['mean_ms']:>9.2f} ms  "
+        f"{report['images_per_second']:>9.1f} img/s"
     )
     if a.json:
         with open(a.json, "w") as f:

@@ -93,6 +93,9 @@ struct FitArgs {
     tokenizer: Option<PathBuf>,
     #[arg(long, default_value_t = 128)]
     max_len: usize,
+    /// The text file's first row is a header.
+    #[arg(long)]
+    header: bool,
     /// HuggingFace config.json for --model bert.
     #[arg(long)]
     bert_config: Option<PathBuf>,
@@ -142,6 +145,9 @@ struct FitArgs {
     max_steps: Option<u64>,
     #[arg(long, default_value_t = 50)]
     log_every: u64,
+    /// Micro-batches per step per rank (gradient accumulation).
+    #[arg(long, default_value_t = 1)]
+    grad_accum: u32,
     /// Keep only the first N training examples (Fashion-MNIST).
     #[arg(long)]
     train_limit: Option<usize>,
@@ -202,10 +208,34 @@ fn main() {
         )
         .with_writer(std::io::stderr)
         .init();
-    if let Err(e) = run(Cli::parse()) {
+    let cli = Cli::parse();
+    let amp = match &cli.command {
+        Command::Fit(a) => a.amp,
+        Command::BenchStep(a) => a.amp,
+        _ => false,
+    };
+    if amp {
+        quiet_autocast_warnings();
+    }
+    if let Err(e) = run(cli) {
         eprintln!("kiln-train: {e:#}");
         std::process::exit(1);
     }
+}
+
+/// tch's `autocast` calls libtorch's deprecated autocast switches, and libtorch warns on
+/// every call — six lines per training step. libtorch reads its log level only from the
+/// environment when it loads, so the process re-executes itself once with warnings
+/// silenced (errors still print). `TORCH_CPP_LOG_LEVEL` set by the user is left alone.
+fn quiet_autocast_warnings() {
+    use std::os::unix::process::CommandExt;
+    if std::env::var_os("TORCH_CPP_LOG_LEVEL").is_some() {
+        return;
+    }
+    let Ok(exe) = std::env::current_exe() else { return };
+    let err =
+        std::process::Command::new(exe).args(std::env::args_os().skip(1)).env("TORCH_CPP_LOG_LEVEL", "ERROR").exec();
+    tracing::warn!("could not re-execute with libtorch warnings silenced: {err}");
 }
 
 fn run(cli: Cli) -> Result<()> {
@@ -234,6 +264,7 @@ fn fit(a: FitArgs) -> Result<()> {
             eval: need(&a.eval, "--eval")?,
             tokenizer: need(&a.tokenizer, "--tokenizer")?,
             max_len: a.max_len,
+            has_header: a.header,
         },
     };
     let config = FitConfig {
@@ -255,6 +286,7 @@ fn fit(a: FitArgs) -> Result<()> {
         max_steps: a.max_steps,
         init_from: a.init_from.clone(),
         log_every: a.log_every,
+        grad_accum: a.grad_accum,
     };
     let options =
         FitOptions { run_dir: a.out.clone(), resume: a.resume.clone(), progress: !a.no_progress && ddp.is_root() };

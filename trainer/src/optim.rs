@@ -99,11 +99,13 @@ impl AdamW {
                 let _ = slot.exp_avg.f_lerp_(&grad, 1.0 - c.beta1)?;
                 let _ = slot.exp_avg_sq.f_mul_scalar_(c.beta2)?;
                 let _ = slot.exp_avg_sq.f_addcmul_(&grad, &grad.f_mul_scalar(1.0 - c.beta2)?)?;
+                // p += m / d with d = -(√v/√(1-β₂ᵗ) + ε)·(1-β₁ᵗ)/lr: the step size folded into
+                // the denominator saves one parameter-sized temporary per tensor.
                 let mut denom = slot.exp_avg_sq.f_sqrt()?;
                 let _ = denom.f_div_scalar_(bias2_sqrt)?;
                 let _ = denom.f_add_scalar_(c.eps)?;
-                let update = slot.exp_avg.f_mul_scalar(-lr / bias1)?;
-                let _ = slot.param.f_addcdiv_(&update, &denom)?;
+                let _ = denom.f_mul_scalar_(-bias1 / lr)?;
+                let _ = slot.param.f_addcdiv_(&slot.exp_avg, &denom)?;
             }
             Ok(())
         })
@@ -216,18 +218,25 @@ impl LossScaler {
     pub fn unscale_and_update<'a>(&mut self, params: impl Iterator<Item = &'a Tensor>) -> Result<bool, TrainError> {
         let inv = 1.0 / self.scale;
         let finite = tch::no_grad(|| -> Result<bool, TrainError> {
-            let mut finite = true;
+            // One device-side sum and a single host sync: a NaN or infinity anywhere makes
+            // the sum non-finite. (A per-tensor check would stall the GPU once per tensor.)
+            let mut total: Option<Tensor> = None;
             for p in params {
                 let mut g = p.grad();
                 if !g.defined() {
                     continue;
                 }
                 let _ = g.f_mul_scalar_(inv)?;
-                if finite && !bool::try_from(g.f_isfinite()?.f_all()?)? {
-                    finite = false;
-                }
+                let s = g.f_sum(Kind::Float)?;
+                total = Some(match total {
+                    Some(t) => t.f_add(&s)?,
+                    None => s,
+                });
             }
-            Ok(finite)
+            match total {
+                Some(t) => Ok(t.f_double_value(&[])?.is_finite()),
+                None => Ok(true),
+            }
         })?;
         if finite {
             self.clean_steps += 1;

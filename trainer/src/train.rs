@@ -34,8 +34,16 @@ pub enum DataConfig {
     FashionMnist { dir: PathBuf, train_limit: Option<usize>, eval_limit: Option<usize> },
     /// One sub-folder per class in each of `train` and `eval`.
     ImageFolder { train: PathBuf, eval: PathBuf },
-    /// CSV/TSV of (text, label), tokenised with `tokenizer` (a tokenizer.json).
-    Text { train: PathBuf, eval: PathBuf, tokenizer: PathBuf, max_len: usize },
+    /// CSV/TSV of (text, label), tokenised with `tokenizer` (a tokenizer.json);
+    /// `has_header`: the first row names the columns and is skipped.
+    Text {
+        train: PathBuf,
+        eval: PathBuf,
+        tokenizer: PathBuf,
+        max_len: usize,
+        #[serde(default)]
+        has_header: bool,
+    },
 }
 
 /// Where tensors live.
@@ -77,6 +85,14 @@ pub struct FitConfig {
     pub init_from: Option<PathBuf>,
     /// Log training loss every this many steps.
     pub log_every: u64,
+    /// Micro-batches per step on each rank: their gradients accumulate into one update
+    /// (less memory per forward; batch-norm statistics are then per micro-batch).
+    #[serde(default = "one")]
+    pub grad_accum: u32,
+}
+
+fn one() -> u32 {
+    1
 }
 
 impl FitConfig {
@@ -202,8 +218,8 @@ pub fn datasets(data: &DataConfig, model: &ModelConfig) -> Result<(SharedDataset
             let options = FolderOptions { image_size: model.image_size as u32, ..FolderOptions::default() };
             (Arc::new(ImageFolder::open(train, options.clone())?), Arc::new(ImageFolder::open(eval, options)?))
         }
-        DataConfig::Text { train, eval, tokenizer, max_len } => {
-            let options = TextOptions { max_len: *max_len, ..TextOptions::default() };
+        DataConfig::Text { train, eval, tokenizer, max_len, has_header } => {
+            let options = TextOptions { max_len: *max_len, has_header: *has_header, ..TextOptions::default() };
             (
                 Arc::new(TextClassification::load(train, tokenizer, options.clone())?),
                 Arc::new(TextClassification::load(eval, tokenizer, options)?),
@@ -414,6 +430,9 @@ fn validate(config: &FitConfig, world: usize) -> Result<(), TrainError> {
     if config.batch_size == 0 || config.eval_batch_size == 0 {
         return Err(TrainError::Config("batch sizes must be positive".into()));
     }
+    if config.grad_accum == 0 {
+        return Err(TrainError::Config("grad_accum must be at least 1".into()));
+    }
     if !config.batch_size.is_multiple_of(world) {
         // Unequal shards would weight examples unequally in the averaged gradient.
         return Err(TrainError::Config(format!(
@@ -443,14 +462,26 @@ fn train_step(
     let device = built.vs.device();
     let inputs: Vec<Tensor> = batch.inputs.iter().map(|t| t.f_to_device(device)).collect::<Result<_, _>>()?;
     let labels = batch.labels.f_to_device(device)?;
-    let logits = tch::autocast(cuda_amp, || built.model.forward(&mut Eager::train(), &inputs))?;
-    let logits = first(logits)?.f_to_kind(Kind::Float)?;
-    let loss = cross_entropy(&logits, &labels)?;
+    let n = labels.size()[0];
+    let micro = (config.grad_accum.max(1) as i64).min(n.max(1));
     optimizer.zero_grad();
-    if cuda_amp {
-        loss.f_mul_scalar(scaler.scale)?.backward()
-    } else {
-        loss.backward()
+    let (mut loss_sum, mut hits) = (0.0f64, 0.0f64);
+    // Micro-batches accumulate into the gradient, each weighted by its share of the batch,
+    // so the result is the gradient of the whole batch's mean loss.
+    for k in 0..micro {
+        let (start, len) = (k * n / micro, (k + 1) * n / micro - k * n / micro);
+        if len == 0 {
+            continue;
+        }
+        let part: Vec<Tensor> = inputs.iter().map(|t| t.f_narrow(0, start, len)).collect::<Result<_, _>>()?;
+        let part_labels = labels.f_narrow(0, start, len)?;
+        let logits = tch::autocast(cuda_amp, || built.model.forward(&mut Eager::train(), &part))?;
+        let logits = first(logits)?.f_to_kind(Kind::Float)?;
+        let loss = cross_entropy(&logits, &part_labels)?;
+        let weight = len as f64 / n as f64 * if cuda_amp { scaler.scale } else { 1.0 };
+        loss.f_mul_scalar(weight)?.backward();
+        loss_sum += loss.f_double_value(&[])? * len as f64;
+        hits += logits.f_argmax(-1, false)?.f_eq_tensor(&part_labels)?.f_sum(Kind::Float)?.f_double_value(&[])?;
     }
     ddp.average_gradients(params)?;
     let finite = if cuda_amp { scaler.unscale_and_update(params.iter())? } else { true };
@@ -460,8 +491,7 @@ fn train_step(
         }
         optimizer.step(lr)?;
     }
-    let hits = logits.f_argmax(-1, false)?.f_eq_tensor(&labels)?.f_sum(Kind::Float)?.f_double_value(&[])?;
-    Ok((loss.f_double_value(&[])?, hits, labels.size()[0] as f64))
+    Ok((loss_sum / n.max(1) as f64, hits, n as f64))
 }
 
 fn cross_entropy(logits: &Tensor, labels: &Tensor) -> Result<Tensor, TrainError> {

@@ -52,6 +52,7 @@ fn config(epochs: u64) -> FitConfig {
         max_steps: None,
         init_from: None,
         log_every: 2,
+        grad_accum: 1,
     }
 }
 
@@ -166,4 +167,58 @@ fn bad_configurations_and_resumes_are_errors() {
     std::fs::write(fake.join("meta.json"), b"{ not json").unwrap();
     let err = train::fit(config(1), &options(&dir.0, Some(fake.clone())), &ddp).unwrap_err().to_string();
     assert!(err.contains("meta.json"), "{err}");
+}
+
+/// Text classification fine-tuning: MiniLM-L6's pretrained encoder (HF safetensors via
+/// `init_from`) with a new classifier head, on a CSV tokenised by its tokenizer.json.
+#[test]
+fn bert_fine_tunes_from_pretrained_minilm_on_a_csv() {
+    let assets = kiln_tests::workspace_root().join(".kiln/assets/minilm-l6");
+    if !assets.join("model.safetensors").is_file() {
+        eprintln!("skipped: MiniLM-L6 assets missing (`make setup-trainer`)");
+        return;
+    }
+    let _serial = serial();
+    let dir = TempDir::new("fit-text").unwrap();
+    let animals = ["The cat sleeps on the warm sofa", "A dog chased the ball in the park", "Horses graze in the field"];
+    let money =
+        ["The bank raised interest rates", "Stocks fell after the earnings report", "Bond yields climbed again"];
+    let mut csv = String::from("text,label\n");
+    for i in 0..8 {
+        for (a, m) in animals.iter().zip(&money) {
+            csv.push_str(&format!("\"{a}, day {i}\",animals\n\"{m}, day {i}\",finance\n"));
+        }
+    }
+    let data = dir.path("train.csv");
+    std::fs::write(&data, csv).unwrap();
+    let bert = kiln_trainer::models::BertConfig::from_hf_json(assets.join("config.json"))
+        .unwrap()
+        .with_head(kiln_trainer::models::BertHead::Classifier { num_labels: 0 });
+    let mut cfg = config(2);
+    cfg.model = ModelConfig::bert(bert);
+    cfg.data = DataConfig::Text {
+        train: data.clone(),
+        eval: data,
+        tokenizer: assets.join("tokenizer.json"),
+        max_len: 32,
+        has_header: true,
+    };
+    cfg.batch_size = 8;
+    cfg.lr = 2e-4;
+    cfg.init_from = Some(assets.join("model.safetensors"));
+    let ddp = Ddp::init(DdpOptions::default()).unwrap();
+    let report = train::fit(cfg, &options(&dir.0, None), &ddp).unwrap();
+    assert_eq!(report.steps, 12);
+    let last = report.history.last().unwrap();
+    assert!(last.eval_accuracy >= 0.9, "{:?}", report.history);
+
+    // The encoder started from MiniLM (moved only by 12 small steps), not from scratch.
+    let ckpt = checkpoint::resolve(&dir.0).unwrap();
+    let trained = tensors(&ckpt.join("model.safetensors"));
+    let pretrained = tensors(&assets.join("model.safetensors"));
+    let name = "embeddings.word_embeddings.weight";
+    let drift = (&trained[name] - &pretrained[name]).abs().mean(tch::Kind::Float).double_value(&[]);
+    assert!(drift < 2e-3, "mean |Δ| {drift}");
+    let meta = checkpoint::load_meta(&ckpt).unwrap();
+    assert_eq!(meta.classes, vec!["animals".to_string(), "finance".to_string()]);
 }

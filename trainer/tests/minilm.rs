@@ -184,3 +184,21 @@ fn missing_or_mismatched_tensors_fail_clearly() {
     let err = bert.load_safetensors(&a.weights).unwrap_err().to_string();
     assert!(err.contains("shape"), "{err}");
 }
+
+/// kiln's own FP32 ONNX export of MiniLM (dynamic batch and sequence) run by ONNX Runtime
+/// matches the libtorch forward pass within 1e-4, padded sequences included.
+#[test]
+fn minilm_exported_by_kiln_matches_libtorch() {
+    let Some(a) = assets() else { return };
+    let cfg = kiln_trainer::models::ModelConfig::bert(
+        BertConfig::from_hf_json(&a.config).unwrap().with_head(BertHead::Embeddings),
+    );
+    let built = kiln_trainer::train::Built::new(&cfg, Device::Cpu).unwrap();
+    built.model.as_bert().unwrap().load_safetensors(&a.weights).unwrap();
+    let dir = kiln_tests::TempDir::new("minilm-export").unwrap();
+    let onnx = dir.path("minilm.onnx");
+    kiln_trainer::export::export_to_file(&built.model, &onnx, 17).unwrap();
+    let diff = kiln_trainer::package::verify(&built, &onnx, &a.ort).unwrap();
+    eprintln!("MiniLM-L6 FP32 export: max |ONNX Runtime - libtorch| = {diff:e}");
+    assert!(diff <= 1e-4, "{diff}");
+}

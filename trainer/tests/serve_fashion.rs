@@ -57,6 +57,7 @@ async fn trained_exported_and_served_model_classifies_test_images_over_http() ->
         max_steps: None,
         init_from: None,
         log_every: 16,
+        grad_accum: 1,
     };
     let report = tokio::task::block_in_place(|| {
         let ddp = Ddp::init(DdpOptions::default())?;
