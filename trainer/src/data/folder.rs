@@ -1,16 +1,12 @@
 //! Images in one sub-folder per class, decoded on demand.
 
-use std::io::Cursor;
 use std::path::{Path, PathBuf};
 
-use image::{ImageFormat, ImageReader, Limits, RgbImage};
+use kiln_image::decode;
 
 use super::{Batch, Dataset, Normalize, Rng, check_indices, dim, tensor_f32, tensor_i64};
 use crate::error::TrainError;
 
-/// Refuse decompression bombs: anything larger is not a photo a classifier wants.
-const MAX_IMAGE_SIDE: u32 = 16_384;
-const MAX_DECODE_BYTES: u64 = 512 << 20;
 const EXTENSIONS: [&str; 3] = ["jpg", "jpeg", "png"];
 
 /// How [`ImageFolder`] prepares images.
@@ -262,57 +258,6 @@ impl Axis {
             frac.push((pos - l) as f32);
         }
         Axis { lo, hi, frac }
-    }
-}
-
-/// Decodes a JPEG or PNG to RGB, with size limits; a truncated JPEG is an error rather than grey pixels.
-fn decode(bytes: &[u8]) -> Result<RgbImage, String> {
-    if bytes.is_empty() {
-        return Err("the file is empty".into());
-    }
-    let mut reader = ImageReader::new(Cursor::new(bytes)).with_guessed_format().map_err(|e| e.to_string())?;
-    let mut limits = Limits::default();
-    limits.max_image_width = Some(MAX_IMAGE_SIDE);
-    limits.max_image_height = Some(MAX_IMAGE_SIDE);
-    limits.max_alloc = Some(MAX_DECODE_BYTES);
-    reader.limits(limits);
-    if reader.format() == Some(ImageFormat::Jpeg) && !jpeg_is_complete(bytes) {
-        return Err("truncated JPEG (no end-of-image marker)".into());
-    }
-    let image = reader.decode().map_err(|e| format!("cannot decode image: {e}"))?;
-    Ok(image.into_rgb8())
-}
-
-/// JPEG decoders fill a cut-off scan with grey and report success. Walks the marker segments (skipping each
-/// scan's entropy-coded data, where FF is always stuffed or a restart marker) and reports whether the
-/// end-of-image marker is reached before the data runs out. The same check as kiln serve's decoder.
-fn jpeg_is_complete(b: &[u8]) -> bool {
-    let mut i = 2; // past SOI
-    loop {
-        while b.get(i) == Some(&0xFF) {
-            i += 1; // fill bytes before a marker
-        }
-        let Some(&marker) = b.get(i) else { return false };
-        i += 1;
-        match marker {
-            0xD9 => return true,
-            0x01 | 0xD0..=0xD7 => continue, // standalone markers carry no length
-            _ => {}
-        }
-        let Some(len) = b.get(i..i + 2).map(|l| usize::from(u16::from_be_bytes([l[0], l[1]]))) else { return false };
-        i += len;
-        if marker == 0xDA {
-            loop {
-                match (b.get(i), b.get(i + 1)) {
-                    (Some(0xFF), Some(0x00 | 0xD0..=0xD7)) => i += 2,
-                    (Some(0xFF), Some(_)) => break,
-                    (Some(_), _) => i += 1,
-                    (None, _) => return false,
-                }
-            }
-        } else if b.get(i).is_none_or(|&x| x != 0xFF) {
-            return false; // a segment must be followed by the next marker
-        }
     }
 }
 
