@@ -42,9 +42,18 @@ pub trait Figure {
     fn draw<DB: DrawingBackend>(&self, root: DrawingArea<DB, Shift>) -> Result<(), String>;
 }
 
+/// Whether `path` names a format [`render`] writes (`.svg` or `.png`), checked before any work.
+pub fn check_format(path: &Path) -> Result<(), String> {
+    match path.extension().and_then(|e| e.to_str()).map(str::to_ascii_lowercase).as_deref() {
+        Some("svg" | "png") => Ok(()),
+        _ => Err(format!("{}: a plot must be a .svg or .png file", path.display())),
+    }
+}
+
 /// Registers a font, creates the parent directory and renders `figure` to `path` as SVG
 /// or PNG, by extension.
 pub fn render(figure: &impl Figure, path: &Path, size: (u32, u32), font: Option<&Path>) -> Result<(), String> {
+    check_format(path)?;
     register_font(font)?;
     if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
         std::fs::create_dir_all(dir).map_err(|e| format!("{}: {e}", dir.display()))?;

@@ -11,6 +11,7 @@ const SIZE: (u32, u32) = (960, 600);
 
 /// Draws the report's levels to `path`; the format follows the extension.
 pub fn plot(report: &Report, path: &Path, font: Option<&Path>) -> Result<(), LoadError> {
+    kiln_plot::check_format(path).map_err(LoadError::InvalidArgument)?;
     kiln_plot::render(&LatencyFigure(report), path, SIZE, font).map_err(LoadError::Plot)
 }
 
