@@ -62,10 +62,19 @@ pub fn save(run_dir: &Path, vs: &VarStore, optimizer: &[(String, Tensor)], meta:
         .map_err(|e| ckpt_err(format!("saving optimizer state: {e}")))?;
     let json = serde_json::to_vec_pretty(meta).map_err(|e| ckpt_err(format!("encoding meta.json: {e}")))?;
     std::fs::write(tmp.join("meta.json"), json).map_err(|e| TrainError::io(tmp.join("meta.json"), e))?;
+    // Replacing a checkpoint of the same step: move the old one aside first, so that the
+    // directory latest.json names exists at every moment.
+    let old = root.join(format!(".{name}.old"));
     if dir.exists() {
-        std::fs::remove_dir_all(&dir).map_err(|e| TrainError::io(&dir, e))?;
+        if old.exists() {
+            std::fs::remove_dir_all(&old).map_err(|e| TrainError::io(&old, e))?;
+        }
+        std::fs::rename(&dir, &old).map_err(|e| TrainError::io(&dir, e))?;
     }
     std::fs::rename(&tmp, &dir).map_err(|e| TrainError::io(&dir, e))?;
+    if old.exists() {
+        std::fs::remove_dir_all(&old).map_err(|e| TrainError::io(&old, e))?;
+    }
     let latest = serde_json::to_vec(&Latest { checkpoint: name }).map_err(|e| ckpt_err(e.to_string()))?;
     let latest_tmp = root.join(".latest.json.partial");
     std::fs::write(&latest_tmp, latest).map_err(|e| TrainError::io(&latest_tmp, e))?;
@@ -85,6 +94,13 @@ pub fn resolve(path: &Path) -> Result<PathBuf, TrainError> {
     })?;
     let l: Latest = serde_json::from_slice(&text)
         .map_err(|e| TrainError::Checkpoint { path: latest.clone(), message: format!("bad latest.json: {e}") })?;
+    let mut parts = std::path::Path::new(&l.checkpoint).components();
+    if !matches!((parts.next(), parts.next()), (Some(std::path::Component::Normal(_)), None)) {
+        return Err(TrainError::Checkpoint {
+            path: latest,
+            message: format!("bad checkpoint name {:?}", l.checkpoint),
+        });
+    }
     let dir = path.join("checkpoints").join(&l.checkpoint);
     if !dir.join("meta.json").is_file() {
         return Err(TrainError::Checkpoint { path: dir, message: "latest.json names a missing checkpoint".into() });
@@ -111,6 +127,45 @@ pub fn load_meta(dir: &Path) -> Result<Meta, TrainError> {
 pub fn load_weights(dir: &Path, vs: &mut VarStore) -> Result<(), TrainError> {
     let path = dir.join("model.safetensors");
     vs.load(&path).map_err(|e| TrainError::Checkpoint { path, message: format!("loading weights: {e}") })
+}
+
+/// Initial weights for a new run (e.g. a pretrained encoder): every tensor of the file
+/// whose name and shape match a variable is copied in (converted to the variable's
+/// type); variables the file lacks keep their initialisation and are listed in the log.
+/// A file that matches nothing is an error: it was meant for another model.
+pub fn load_initial(path: &Path, vs: &VarStore) -> Result<(), TrainError> {
+    let err = |message: String| TrainError::Checkpoint { path: path.to_path_buf(), message };
+    let file = Tensor::read_safetensors(path).map_err(|e| err(format!("initial weights: {e}")))?;
+    let file: std::collections::HashMap<String, Tensor> = file.into_iter().collect();
+    let mut missing = Vec::new();
+    let mut loaded = 0usize;
+    tch::no_grad(|| -> Result<(), TrainError> {
+        for (name, mut var) in vs.variables() {
+            match file.get(&name) {
+                Some(t) if t.size() == var.size() => {
+                    var.f_copy_(t)?;
+                    loaded += 1;
+                }
+                Some(t) => {
+                    return Err(err(format!(
+                        "`{name}` has shape {:?} in the file, {:?} in the model",
+                        t.size(),
+                        var.size()
+                    )));
+                }
+                None => missing.push(name),
+            }
+        }
+        Ok(())
+    })?;
+    if loaded == 0 {
+        return Err(err("no tensor of the file matches a variable of the model".into()));
+    }
+    if !missing.is_empty() {
+        missing.sort();
+        tracing::info!("initial weights: {loaded} tensors loaded; kept the initialisation of {missing:?}");
+    }
+    Ok(())
 }
 
 /// Reads the optimizer state saved by [`save`].

@@ -110,8 +110,9 @@ struct FitArgs {
     /// Small CNN without batch normalisation (conv biases instead).
     #[arg(long)]
     no_batch_norm: bool,
-    #[arg(long, default_value_t = 5)]
-    epochs: u64,
+    /// Epochs (default 5; with --resume: extend the saved run to this many).
+    #[arg(long)]
+    epochs: Option<u64>,
     /// Global batch size (all ranks together).
     #[arg(long, default_value_t = 128)]
     batch_size: usize,
@@ -239,16 +240,31 @@ fn quiet_autocast_warnings() {
 }
 
 fn run(cli: Cli) -> Result<()> {
-    match cli.command {
-        Command::Fit(args) => fit(*args),
-        Command::Eval(args) => eval(args),
-        Command::Export(args) => export(args),
-        Command::BenchStep(args) => bench_step(args),
+    let bucket_mib = match &cli.command {
+        Command::Fit(a) => a.bucket_mib.max(1),
+        _ => 25,
+    };
+    if let Command::Export(args) = cli.command {
+        return export(args);
+    }
+    let ddp = Ddp::init(DdpOptions { bucket_bytes: bucket_mib << 20 }).context("starting data-parallel")?;
+    let result = match cli.command {
+        Command::Fit(args) => fit(*args, &ddp),
+        Command::Eval(args) => eval(args, &ddp),
+        Command::BenchStep(args) => bench_step(args, &ddp),
+        Command::Export(_) => Ok(()),
+    };
+    match result {
+        // Under mpirun the other ranks would wait forever in their next collective.
+        Err(e) if ddp.world().size > 1 => {
+            eprintln!("kiln-train: rank {}: {e:#}", ddp.world().rank);
+            ddp.abort(1)
+        }
+        other => other,
     }
 }
 
-fn fit(a: FitArgs) -> Result<()> {
-    let ddp = Ddp::init(DdpOptions { bucket_bytes: a.bucket_mib.max(1) << 20 }).context("starting data-parallel")?;
+fn fit(a: FitArgs, ddp: &Ddp) -> Result<()> {
     let world = ddp.world();
     set_threads(a.threads, world.size);
     let model = model_config(&a)?;
@@ -270,7 +286,7 @@ fn fit(a: FitArgs) -> Result<()> {
     let config = FitConfig {
         model,
         data,
-        epochs: a.epochs,
+        epochs: a.epochs.unwrap_or(5),
         batch_size: a.batch_size,
         eval_batch_size: a.eval_batch_size,
         lr: a.lr,
@@ -288,29 +304,26 @@ fn fit(a: FitArgs) -> Result<()> {
         log_every: a.log_every,
         grad_accum: a.grad_accum,
     };
-    let options =
-        FitOptions { run_dir: a.out.clone(), resume: a.resume.clone(), progress: !a.no_progress && ddp.is_root() };
-    let report = match train::fit(config, &options, &ddp) {
-        Ok(r) => r,
-        // The other ranks would wait forever in their next collective.
-        Err(e) if world.size > 1 => {
-            eprintln!("kiln-train: rank {}: {e}", world.rank);
-            ddp.abort(1)
-        }
-        Err(e) => return Err(e.into()),
+    let options = FitOptions {
+        run_dir: a.out.clone(),
+        resume: a.resume.clone(),
+        extend_epochs: a.epochs,
+        progress: !a.no_progress && ddp.is_root(),
     };
+    let report = train::fit(config, &options, ddp)?;
     if ddp.is_root() {
         let last = report.history.last();
-        println!(
-            "{{\"steps\": {}, \"epochs\": {}, \"eval_accuracy\": {}, \"eval_loss\": {}, \"checkpoint\": {:?}, \"world_size\": {}, \"replica_fingerprints\": {:?}}}",
-            report.steps,
-            report.history.len(),
-            last.map(|m| m.eval_accuracy).unwrap_or(f64::NAN),
-            last.map(|m| m.eval_loss).unwrap_or(f64::NAN),
-            report.last_checkpoint.as_ref().map(|p| p.display().to_string()).unwrap_or_default(),
-            world.size,
-            report.replica_fingerprints
-        );
+        // serde_json writes a metric that is missing or not finite as null, never NaN.
+        let summary = serde_json::json!({
+            "steps": report.steps,
+            "epochs": report.history.len(),
+            "eval_accuracy": last.map(|m| m.eval_accuracy),
+            "eval_loss": last.map(|m| m.eval_loss),
+            "checkpoint": report.last_checkpoint.as_ref().map(|p| p.display().to_string()),
+            "world_size": world.size,
+            "replica_fingerprints": report.replica_fingerprints,
+        });
+        println!("{summary}");
     }
     Ok(())
 }
@@ -359,8 +372,7 @@ fn set_threads(explicit: Option<i32>, world: usize) {
     tch::set_num_threads(threads.max(1));
 }
 
-fn eval(a: EvalArgs) -> Result<()> {
-    let ddp = Ddp::init(DdpOptions { bucket_bytes: 25 << 20 })?;
+fn eval(a: EvalArgs, ddp: &Ddp) -> Result<()> {
     set_threads(None, ddp.world().size);
     let dir = checkpoint::resolve(&a.checkpoint)?;
     let meta = checkpoint::load_meta(&dir)?;
@@ -368,16 +380,16 @@ fn eval(a: EvalArgs) -> Result<()> {
     let mut built = Built::new(&meta.config.model, device)?;
     checkpoint::load_weights(&dir, &mut built.vs)?;
     let (_, eval_set) = train::datasets(&meta.config.data, &meta.config.model)?;
-    let m = train::evaluate(&built, &Arc::clone(&eval_set), a.batch_size, &ddp, a.workers.max(1), false)?;
+    let m = train::evaluate(&built, &Arc::clone(&eval_set), a.batch_size, ddp, a.workers.max(1), false)?;
     if ddp.is_root() {
-        println!(
-            "{{\"checkpoint\": {:?}, \"step\": {}, \"examples\": {}, \"loss\": {}, \"accuracy\": {}}}",
-            dir.display().to_string(),
-            meta.step,
-            m.examples,
-            m.loss,
-            m.accuracy
-        );
+        let summary = serde_json::json!({
+            "checkpoint": dir.display().to_string(),
+            "step": meta.step,
+            "examples": m.examples,
+            "loss": m.loss,
+            "accuracy": m.accuracy,
+        });
+        println!("{summary}");
     }
     Ok(())
 }
@@ -389,17 +401,16 @@ fn export(a: ExportArgs) -> Result<()> {
     }
     let options = ExportOptions { opset: a.opset, force: a.force, ort_library, max_batch_size: a.max_batch_size };
     let report = package::export(&a.checkpoint, &a.out, &options)?;
-    println!(
-        "{{\"onnx\": {:?}, \"config\": {:?}, \"max_abs_diff\": {}}}",
-        report.onnx.display().to_string(),
-        report.config.as_ref().map(|p| p.display().to_string()).unwrap_or_default(),
-        report.max_abs_diff.map(|d| format!("{d:e}")).unwrap_or_else(|| "null".into())
-    );
+    let summary = serde_json::json!({
+        "onnx": report.onnx.display().to_string(),
+        "config": report.config.as_ref().map(|p| p.display().to_string()),
+        "max_abs_diff": report.max_abs_diff,
+    });
+    println!("{summary}");
     Ok(())
 }
 
-fn bench_step(a: BenchArgs) -> Result<()> {
-    let ddp = Ddp::init(DdpOptions { bucket_bytes: 25 << 20 })?;
+fn bench_step(a: BenchArgs, ddp: &Ddp) -> Result<()> {
     set_threads(a.threads, ddp.world().size);
     let mut model = match a.model {
         Arch::SmallCnn => ModelConfig::small_cnn(a.num_classes),
@@ -413,7 +424,7 @@ fn bench_step(a: BenchArgs) -> Result<()> {
     let device = train::resolve_device(a.device, train::local_rank())?;
     let spec =
         bench::StepBench { model, batch_size: a.batch_size, warmup: a.warmup, steps: a.steps, device, amp: a.amp };
-    let report = bench::run(&spec, &ddp)?;
+    let report = bench::run(&spec, ddp)?;
     if ddp.is_root() {
         println!(
             "{:<20} {:<9} batch {:>4} {:>4}px {:<8} threads {:>2} ranks {} | median {:>9.2} ms  mean {:>9.2} ms  {:>9.1} img/s",

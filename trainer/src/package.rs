@@ -47,21 +47,31 @@ pub fn export(checkpoint: &Path, onnx_path: &Path, options: &ExportOptions) -> R
     if let Some(parent) = onnx_path.parent() {
         std::fs::create_dir_all(parent).map_err(|e| TrainError::io(parent, e))?;
     }
-    crate::export::export_to_file(&built.model, onnx_path, options.opset)?;
-
-    let config = write_serving_files(onnx_path, &meta, &built.model, options)?;
+    // Written aside and checked first: a failed export must not leave a model that
+    // kiln serve would load.
+    let partial = onnx_path.with_extension("onnx.partial");
+    crate::export::export_to_file(&built.model, &partial, options.opset)?;
     let max_abs_diff = match &options.ort_library {
-        Some(lib) => Some(verify(&built, onnx_path, lib)?),
+        Some(lib) => match verify(&built, &partial, lib) {
+            Ok(d) => Some(d),
+            Err(e) => {
+                let _ = std::fs::remove_file(&partial);
+                return Err(e);
+            }
+        },
         None => None,
     };
     if let Some(diff) = max_abs_diff
         && diff > PARITY_TOLERANCE
     {
+        let _ = std::fs::remove_file(&partial);
         return Err(TrainError::Export(format!(
             "ONNX Runtime disagrees with libtorch by {diff:.3e} (> {PARITY_TOLERANCE:e}) on {}",
             onnx_path.display()
         )));
     }
+    std::fs::rename(&partial, onnx_path).map_err(|e| TrainError::io(onnx_path, e))?;
+    let config = write_serving_files(onnx_path, &meta, &built.model, options)?;
     Ok(ExportReport { onnx: onnx_path.to_path_buf(), config, max_abs_diff })
 }
 
@@ -144,6 +154,8 @@ pub fn verify(built: &Built, onnx_path: &Path, ort_library: &Path) -> Result<f64
     let mut session = OrtBackend::load(&runtime, onnx_path, &OrtOptions::default())
         .map_err(|e| TrainError::Export(format!("ONNX Runtime rejected the export: {e}")))?;
     let specs = built.model.inputs();
+    // Random token ids must exist in the vocabulary.
+    let vocab = built.model.as_bert().map(|b| b.config().vocab_size).unwrap_or(1000).clamp(2, 1000);
     let mut worst = 0.0f64;
     tch::manual_seed(7);
     for (batch, seq) in [(1i64, 5i64), (3, 11), (8, 16)] {
@@ -165,17 +177,27 @@ pub fn verify(built: &Built, onnx_path: &Path, ort_library: &Path) -> Result<f64
                 // A padded tail exercises the attention mask.
                 (ElemKind::I64, "attention_mask") => {
                     let m = Tensor::f_ones(shape.as_slice(), (Kind::Int64, Device::Cpu))?;
-                    let _ = m.f_narrow(1, seq - 2, 2)?.f_fill_(0)?;
+                    let len = shape.get(1).copied().unwrap_or(0);
+                    if len > 2 {
+                        let _ = m.f_narrow(1, len - 2, 2)?.f_fill_(0)?;
+                    }
                     m
                 }
                 (ElemKind::I64, "token_type_ids") => Tensor::f_zeros(shape.as_slice(), (Kind::Int64, Device::Cpu))?,
-                (ElemKind::I64, _) => Tensor::f_randint_low(1, 1000, shape.as_slice(), (Kind::Int64, Device::Cpu))?,
+                (ElemKind::I64, _) => Tensor::f_randint_low(1, vocab, shape.as_slice(), (Kind::Int64, Device::Cpu))?,
             };
             ort_inputs.push(to_engine(&t, spec.kind)?);
             torch_inputs.push(t);
         }
         let expected = tch::no_grad(|| built.model.forward(&mut Eager::eval(), &torch_inputs))?;
         let got = session.run(&ort_inputs).map_err(|e| TrainError::Export(format!("ONNX Runtime run: {e}")))?;
+        if got.len() != expected.len() {
+            return Err(TrainError::Export(format!(
+                "{} outputs from ONNX Runtime, {} from libtorch",
+                got.len(),
+                expected.len()
+            )));
+        }
         for (e, g) in expected.iter().zip(&got) {
             let e = Vec::<f32>::try_from(&e.f_contiguous()?.f_view([-1])?)?;
             let TensorData::F32(g) = g.data() else {
@@ -185,7 +207,11 @@ pub fn verify(built: &Built, onnx_path: &Path, ort_library: &Path) -> Result<f64
                 return Err(TrainError::Export(format!("output sizes differ: {} vs {}", e.len(), g.len())));
             }
             for (a, b) in e.iter().zip(g) {
-                worst = worst.max(f64::from((a - b).abs()));
+                let d = f64::from((a - b).abs());
+                if d.is_nan() {
+                    return Err(TrainError::Export("NaN in an output of the parity check".into()));
+                }
+                worst = worst.max(d);
             }
         }
     }

@@ -15,36 +15,14 @@ use tch::nn::VarStore;
 use tch::{Device, Kind, Tensor};
 
 use crate::checkpoint::{self, Meta};
-use crate::data::{
-    self, Batch, Dataset, FashionMnist, FolderOptions, ImageFolder, Loader, Normalize, Split, TextClassification,
-    TextOptions,
-};
+use crate::data::{self, Batch, Dataset, Loader};
+pub use crate::data::{DataConfig, SharedDataset, datasets, normalize_of};
 use crate::ddp::Ddp;
 use crate::eager::Eager;
 use crate::error::TrainError;
 use crate::log::RunLog;
 use crate::models::{BertHead, ModelConfig, Network, Zoo};
 use crate::optim::{AdamW, AdamWConfig, CosineSchedule, LossScaler, clip_grad_norm};
-
-/// Which data a run trains and evaluates on.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-#[serde(tag = "kind", rename_all = "kebab-case")]
-pub enum DataConfig {
-    /// IDX files (Fashion-MNIST or MNIST); `*_limit` keep the first n examples.
-    FashionMnist { dir: PathBuf, train_limit: Option<usize>, eval_limit: Option<usize> },
-    /// One sub-folder per class in each of `train` and `eval`.
-    ImageFolder { train: PathBuf, eval: PathBuf },
-    /// CSV/TSV of (text, label), tokenised with `tokenizer` (a tokenizer.json);
-    /// `has_header`: the first row names the columns and is skipped.
-    Text {
-        train: PathBuf,
-        eval: PathBuf,
-        tokenizer: PathBuf,
-        max_len: usize,
-        #[serde(default)]
-        has_header: bool,
-    },
-}
 
 /// Where tensors live.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum)]
@@ -135,6 +113,8 @@ pub struct FitOptions {
     pub run_dir: PathBuf,
     /// A run or checkpoint directory to continue from; its configuration wins.
     pub resume: Option<PathBuf>,
+    /// With `resume`: train to at least this many epochs (the schedule then spans them).
+    pub extend_epochs: Option<u64>,
     pub progress: bool,
 }
 
@@ -197,54 +177,6 @@ pub fn mix(a: u64, b: u64) -> u64 {
     z ^ (z >> 31)
 }
 
-/// A dataset the loader threads share.
-pub type SharedDataset = Arc<dyn Dataset>;
-
-/// Opens the training and evaluation sets; both must have the same classes.
-pub fn datasets(data: &DataConfig, model: &ModelConfig) -> Result<(SharedDataset, SharedDataset), TrainError> {
-    let (train, eval): (SharedDataset, SharedDataset) = match data {
-        DataConfig::FashionMnist { dir, train_limit, eval_limit } => {
-            let mut train = FashionMnist::load(dir, Split::Train)?;
-            let mut eval = FashionMnist::load(dir, Split::Test)?;
-            if let Some(n) = train_limit {
-                train = train.limit(*n);
-            }
-            if let Some(n) = eval_limit {
-                eval = eval.limit(*n);
-            }
-            (Arc::new(train), Arc::new(eval))
-        }
-        DataConfig::ImageFolder { train, eval } => {
-            let options = FolderOptions { image_size: model.image_size as u32, ..FolderOptions::default() };
-            (Arc::new(ImageFolder::open(train, options.clone())?), Arc::new(ImageFolder::open(eval, options)?))
-        }
-        DataConfig::Text { train, eval, tokenizer, max_len, has_header } => {
-            let options = TextOptions { max_len: *max_len, has_header: *has_header, ..TextOptions::default() };
-            (
-                Arc::new(TextClassification::load(train, tokenizer, options.clone())?),
-                Arc::new(TextClassification::load(eval, tokenizer, options)?),
-            )
-        }
-    };
-    if train.classes() != eval.classes() {
-        return Err(TrainError::Data(format!(
-            "the training and evaluation sets have different classes: {:?} vs {:?}",
-            train.classes(),
-            eval.classes()
-        )));
-    }
-    Ok((train, eval))
-}
-
-/// The input normalisation a trained image model expects (kiln serve's `mean`/`std`).
-pub fn normalize_of(data: &DataConfig) -> Option<Normalize> {
-    match data {
-        DataConfig::FashionMnist { .. } => Some(Normalize::fashion_mnist()),
-        DataConfig::ImageFolder { .. } => Some(FolderOptions::default().normalize),
-        DataConfig::Text { .. } => None,
-    }
-}
-
 /// Trains (or continues) a run. Rank 0 alone writes checkpoints, logs and plots.
 pub fn fit(config: FitConfig, options: &FitOptions, ddp: &Ddp) -> Result<FitReport, TrainError> {
     let world = ddp.world();
@@ -255,7 +187,9 @@ pub fn fit(config: FitConfig, options: &FitOptions, ddp: &Ddp) -> Result<FitRepo
             // The saved run decides everything that shapes the computation; the caller may
             // only extend it.
             let mut saved = meta.config.clone();
-            saved.epochs = saved.epochs.max(config.epochs);
+            if let Some(e) = options.extend_epochs {
+                saved.epochs = saved.epochs.max(e);
+            }
             saved.max_steps = config.max_steps;
             saved.workers = config.workers;
             (saved, Some(meta), Some(dir))
@@ -283,17 +217,17 @@ pub fn fit(config: FitConfig, options: &FitOptions, ddp: &Ddp) -> Result<FitRepo
     if let Some(init) = &config.init_from
         && resume_dir.is_none()
     {
-        built
-            .vs
-            .load_partial(init)
-            .map_err(|e| TrainError::Checkpoint { path: init.clone(), message: format!("initial weights: {e}") })?;
+        checkpoint::load_initial(init, &built.vs)?;
+    }
+    if let (Some(_), Some(dir)) = (&resume_meta, &resume_dir) {
+        // Before the optimizer takes the parameters into its flat buffer.
+        checkpoint::load_weights(dir, &mut built.vs)?;
     }
     let mut optimizer = AdamW::new(built.trainable(), config.adamw.clone())?;
     let mut scaler = LossScaler::default();
     let mut history = Vec::new();
     let (mut epoch, mut step, mut step_in_epoch) = (0, 0, 0);
     if let (Some(meta), Some(dir)) = (&resume_meta, &resume_dir) {
-        checkpoint::load_weights(dir, &mut built.vs)?;
         let state = checkpoint::load_optimizer(dir)?;
         let state: Vec<(String, Tensor)> =
             state.into_iter().map(|(n, t)| t.f_to_device(device).map(|t| (n, t))).collect::<Result<_, _>>()?;
@@ -325,6 +259,8 @@ pub fn fit(config: FitConfig, options: &FitOptions, ddp: &Ddp) -> Result<FitRepo
     let mut log = if ddp.is_root() { Some(RunLog::open(&options.run_dir, options.progress)?) } else { None };
     let params: Vec<Tensor> = built.trainable().into_iter().map(|(_, t)| t).collect();
     let mut last_checkpoint = None;
+    // A resumed run starts at a step that is already on disk.
+    let mut saved_step = resume_meta.as_ref().map(|m| m.step);
     let cuda_amp = config.amp && device.is_cuda();
 
     'epochs: while epoch < config.epochs {
@@ -367,11 +303,14 @@ pub fn fit(config: FitConfig, options: &FitOptions, ddp: &Ddp) -> Result<FitRepo
                 log.tick();
             }
             if config.checkpoint_every.is_some_and(|every| step % every == 0) && step_in_epoch < steps_per_epoch {
+                sync_buffers(&built, ddp)?;
                 let meta = meta_of(&config, &classes, epoch, step, step_in_epoch, &scaler, world.size, &history);
                 last_checkpoint = save_on_root(ddp, &options.run_dir, &built, &optimizer, &meta)?.or(last_checkpoint);
+                saved_step = Some(step);
             }
         }
         let totals = ddp.sum_f64(&[loss_sum, correct, seen])?;
+        sync_buffers(&built, ddp)?;
         let eval = evaluate(&built, &eval_set, config.eval_batch_size, ddp, config.workers, cuda_amp)?;
         let seconds = started.elapsed().as_secs_f64();
         let metrics = EpochMetrics {
@@ -393,8 +332,10 @@ pub fn fit(config: FitConfig, options: &FitOptions, ddp: &Ddp) -> Result<FitRepo
         }
         let meta = meta_of(&config, &classes, epoch, step, 0, &scaler, world.size, &history);
         last_checkpoint = save_on_root(ddp, &options.run_dir, &built, &optimizer, &meta)?.or(last_checkpoint);
+        saved_step = Some(step);
     }
-    if config.max_steps.is_some_and(|m| step >= m) && step_in_epoch > 0 {
+    sync_buffers(&built, ddp)?;
+    if config.max_steps.is_some_and(|m| step >= m) && step_in_epoch > 0 && saved_step != Some(step) {
         let meta = meta_of(&config, &classes, epoch, step, step_in_epoch, &scaler, world.size, &history);
         last_checkpoint = save_on_root(ddp, &options.run_dir, &built, &optimizer, &meta)?.or(last_checkpoint);
     }
@@ -405,6 +346,18 @@ pub fn fit(config: FitConfig, options: &FitOptions, ddp: &Ddp) -> Result<FitRepo
         )));
     }
     Ok(FitReport { history, steps: step, last_checkpoint, replica_fingerprints })
+}
+
+/// Batch-norm running statistics are updated from each rank's own shard and never
+/// averaged; rank 0's are taken (as PyTorch DDP's `broadcast_buffers`) before anything
+/// reads them: evaluation, checkpoints, the replica check.
+fn sync_buffers(built: &Built, ddp: &Ddp) -> Result<(), TrainError> {
+    if ddp.world().size == 1 {
+        return Ok(());
+    }
+    let buffers: Vec<Tensor> =
+        built.variables().into_iter().filter(|(_, t)| !t.requires_grad()).map(|(_, t)| t).collect();
+    ddp.broadcast(&buffers)
 }
 
 /// One number per rank summarising its weights (every variable, in name order), so
@@ -430,6 +383,12 @@ fn validate(config: &FitConfig, world: usize) -> Result<(), TrainError> {
     if config.batch_size == 0 || config.eval_batch_size == 0 {
         return Err(TrainError::Config("batch sizes must be positive".into()));
     }
+    if config.checkpoint_every == Some(0) {
+        return Err(TrainError::Config("checkpoint_every must be at least 1".into()));
+    }
+    if config.clip_grad_norm.is_some_and(|c| !(c > 0.0 && c.is_finite())) {
+        return Err(TrainError::Config("clip_grad_norm must be a positive number".into()));
+    }
     if config.grad_accum == 0 {
         return Err(TrainError::Config("grad_accum must be at least 1".into()));
     }
@@ -440,7 +399,7 @@ fn validate(config: &FitConfig, world: usize) -> Result<(), TrainError> {
             config.batch_size
         )));
     }
-    if !(config.lr > 0.0 && config.lr.is_finite()) || config.min_lr < 0.0 {
+    if !(config.lr > 0.0 && config.lr.is_finite() && config.min_lr >= 0.0 && config.min_lr.is_finite()) {
         return Err(TrainError::Config("lr must be positive and min_lr non-negative".into()));
     }
     Ok(())
@@ -522,6 +481,10 @@ pub fn evaluate(
     tch::no_grad(|| -> Result<(), TrainError> {
         for batch in Loader::new(Arc::clone(set), steps, None, workers) {
             let batch = batch?;
+            // A rank's share of a short last batch can be empty.
+            if batch.labels.size().first().is_none_or(|&n| n == 0) {
+                continue;
+            }
             let inputs: Vec<Tensor> = batch.inputs.iter().map(|t| t.f_to_device(device)).collect::<Result<_, _>>()?;
             let labels = batch.labels.f_to_device(device)?;
             let logits = tch::autocast(cuda_amp, || built.model.forward(&mut Eager::eval(), &inputs))?;

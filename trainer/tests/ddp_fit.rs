@@ -150,6 +150,21 @@ fn two_mpi_ranks_reach_the_single_process_weights() {
     );
     assert!(exact <= 1e-5, "DDP weights differ from the single process's by {exact}");
     assert!(loose <= 1e-3, "DDP weights differ from whole-batch training by {loose}");
+    // With batch norm each rank's running statistics come from its own shard; rank 0's are
+    // taken before evaluation and saving, so the replicas still end identical.
+    let bn = dir.path("ddp-bn");
+    let mut cmd = Command::new("mpirun");
+    let args: Vec<String> = fit_args(&bn).into_iter().filter(|a| a != "--no-batch-norm").collect();
+    cmd.args(["--oversubscribe", "--bind-to", "none", "-n", "2", kiln_train()])
+        .args(args)
+        .args(["--max-steps", "3"])
+        .env("OMPI_ALLOW_RUN_AS_ROOT", "1")
+        .env("OMPI_ALLOW_RUN_AS_ROOT_CONFIRM", "1");
+    let with_bn = run(cmd, Duration::from_secs(300));
+    assert!(with_bn.status.success(), "mpirun -n 2 with batch norm: {}", String::from_utf8_lossy(&with_bn.stderr));
+    let bn_prints = last_json(&with_bn)["replica_fingerprints"].as_array().unwrap().clone();
+    assert_eq!(bn_prints[0], bn_prints[1]);
+
     // Only rank 0 writes: one checkpoint directory, one log.
     let log = std::fs::read_to_string(ddp.join("metrics.jsonl")).unwrap();
     assert_eq!(log.lines().filter(|l| l.contains("\"epoch\"") && l.contains("eval_accuracy")).count(), 1);

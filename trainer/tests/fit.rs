@@ -57,7 +57,7 @@ fn config(epochs: u64) -> FitConfig {
 }
 
 fn options(dir: &Path, resume: Option<PathBuf>) -> FitOptions {
-    FitOptions { run_dir: dir.to_path_buf(), resume, progress: false }
+    FitOptions { run_dir: dir.to_path_buf(), resume, extend_epochs: None, progress: false }
 }
 
 fn tensors(path: &Path) -> BTreeMap<String, Tensor> {

@@ -61,7 +61,11 @@ async fn trained_exported_and_served_model_classifies_test_images_over_http() ->
     };
     let report = tokio::task::block_in_place(|| {
         let ddp = Ddp::init(DdpOptions::default())?;
-        train::fit(config, &FitOptions { run_dir: run_dir.clone(), resume: None, progress: false }, &ddp)
+        train::fit(
+            config,
+            &FitOptions { run_dir: run_dir.clone(), resume: None, extend_epochs: None, progress: false },
+            &ddp,
+        )
     })?;
     let trained_accuracy = report.history[0].eval_accuracy;
     assert!(trained_accuracy > 0.7, "a 4k-image epoch reaches well above chance: {trained_accuracy}");

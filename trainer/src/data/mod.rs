@@ -18,11 +18,13 @@ mod csv;
 mod folder;
 mod loader;
 mod mnist;
+mod open;
 mod text;
 
 pub use folder::{FolderOptions, ImageFolder};
 pub use loader::Loader;
 pub use mnist::{FASHION_CLASSES, FASHION_MNIST_DIR, FashionMnist, Split};
+pub use open::{DataConfig, SharedDataset, datasets, normalize_of};
 pub use text::{TextClassification, TextOptions};
 
 /// `(pixel - mean) / std` per channel with pixels in 0..=255 — the same convention as kiln serve's config,
