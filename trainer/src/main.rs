@@ -210,13 +210,13 @@ fn main() {
         .with_writer(std::io::stderr)
         .init();
     let cli = Cli::parse();
-    let amp = match &cli.command {
-        Command::Fit(a) => a.amp,
-        Command::BenchStep(a) => a.amp,
-        _ => false,
+    let (trains, amp) = match &cli.command {
+        Command::Fit(a) => (true, a.amp),
+        Command::BenchStep(a) => (true, a.amp),
+        _ => (false, false),
     };
-    if amp {
-        quiet_autocast_warnings();
+    if trains {
+        reexec_with_process_settings(amp);
     }
     if let Err(e) = run(cli) {
         eprintln!("kiln-train: {e:#}");
@@ -224,19 +224,35 @@ fn main() {
     }
 }
 
-/// tch's `autocast` calls libtorch's deprecated autocast switches, and libtorch warns on
-/// every call — six lines per training step. libtorch reads its log level only from the
-/// environment when it loads, so the process re-executes itself once with warnings
-/// silenced (errors still print). `TORCH_CPP_LOG_LEVEL` set by the user is left alone.
-fn quiet_autocast_warnings() {
+/// Settings that only take effect when the process starts, applied by re-executing it
+/// once (same PID, so mpirun is unaffected). Variables the user set are left alone.
+///
+/// - glibc returns every large freed block to the kernel, so each training step maps
+///   and zero-faults its activations again: on a 2-core VM, ResNet-18 at batch 64 took
+///   5.0 M page faults and 11 s of system time for 4 steps. Keeping freed memory in the
+///   heap (raised mmap and trim thresholds) cut that to 1.1 M faults and 2.4 s, and the
+///   step from 5.65 s to 4.65 s; the price is that the process keeps its peak memory,
+///   as PyTorch's CUDA caching allocator does on a GPU.
+/// - tch's `autocast` calls libtorch's deprecated autocast switches, and libtorch warns
+///   on every call (six lines per step); libtorch reads its log level only at load.
+fn reexec_with_process_settings(amp: bool) {
     use std::os::unix::process::CommandExt;
-    if std::env::var_os("TORCH_CPP_LOG_LEVEL").is_some() {
+    const MARK: &str = "KILN_TRAIN_REEXEC";
+    if std::env::var_os(MARK).is_some() {
+        return;
+    }
+    let mut wanted: Vec<(&str, &str)> =
+        vec![("MALLOC_MMAP_THRESHOLD_", "4294967296"), ("MALLOC_TRIM_THRESHOLD_", "4294967296")];
+    if amp {
+        wanted.push(("TORCH_CPP_LOG_LEVEL", "ERROR"));
+    }
+    wanted.retain(|(k, _)| std::env::var_os(k).is_none());
+    if wanted.is_empty() {
         return;
     }
     let Ok(exe) = std::env::current_exe() else { return };
-    let err =
-        std::process::Command::new(exe).args(std::env::args_os().skip(1)).env("TORCH_CPP_LOG_LEVEL", "ERROR").exec();
-    tracing::warn!("could not re-execute with libtorch warnings silenced: {err}");
+    let err = std::process::Command::new(exe).args(std::env::args_os().skip(1)).envs(wanted).env(MARK, "1").exec();
+    tracing::warn!("could not re-execute with the process settings: {err}");
 }
 
 fn run(cli: Cli) -> Result<()> {
