@@ -1,9 +1,16 @@
 //! kiln's execution layer: the tensor types every backend shares, the [`Backend`]
-//! trait the batcher's executors drive, and the ONNX Runtime CPU backend.
+//! trait the batcher's executors drive, the ONNX Runtime CPU backend, and the
+//! engine builder (ONNX import → graph IR → passes → plan file) with its CPU
+//! reference executor.
 
 mod backend;
 mod error;
+pub mod graph;
+pub mod import;
+pub mod infer;
+pub mod ops;
 mod ort_backend;
+pub mod reference;
 mod tensor;
 
 pub use backend::{Backend, Dim, ModelMetadata, TensorSpec};

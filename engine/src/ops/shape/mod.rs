@@ -1,0 +1,5 @@
+use super::Registry;
+
+pub(crate) fn register(r: &mut Registry) {
+    let _ = r;
+}
