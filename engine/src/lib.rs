@@ -8,8 +8,11 @@ mod error;
 pub mod graph;
 pub mod import;
 pub mod infer;
+pub mod memory;
 pub mod ops;
 mod ort_backend;
+pub mod passes;
+pub mod plan;
 pub mod reference;
 mod tensor;
 

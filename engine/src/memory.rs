@@ -1,0 +1,1 @@
+//! Liveness-based activation memory planner.

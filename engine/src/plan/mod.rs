@@ -1,0 +1,1 @@
+//! Plan files: the optimised graph, its weights and the build settings.
