@@ -10,7 +10,7 @@ export LIBTORCH ?= $(CURDIR)/.kiln/libtorch
 export OMPI_ALLOW_RUN_AS_ROOT ?= 1
 export OMPI_ALLOW_RUN_AS_ROOT_CONFIRM ?= 1
 
-.PHONY: setup setup-trainer build build-trainer serve test lint fmt bench bench-load bench-train train-fashion clean
+.PHONY: setup setup-trainer build build-trainer serve test lint fmt bench bench-load bench-train bench-build train-fashion clean
 
 ## setup: Python venv, ONNX Runtime library, EfficientNet-Lite0 import, sample photos (idempotent)
 setup:
@@ -52,6 +52,10 @@ bench: setup
 bench-load:
 	$(CARGO) build --release -p kiln-cli -p kiln-bench
 	python3 benches/scripts/loadgen-compare.py --reps 3 --out out/loadgen-compare.json
+
+## bench-build: `kiln build` wall time, peak memory and activation-memory planning for ResNet-50 and MiniLM-L6
+bench-build: build
+	python3 benches/scripts/build_bench.py --out out/bench-build.json
 
 ## train-fashion: train the small CNN on Fashion-MNIST (CPU) and export it to models/fashion_mnist
 train-fashion: build-trainer

@@ -1,3 +1,5 @@
+mod build;
+
 use std::io::Write;
 use std::net::{IpAddr, SocketAddr};
 use std::path::PathBuf;
@@ -22,6 +24,11 @@ enum Command {
     /// Load-test an HTTP endpoint: closed-loop concurrency or open-loop rate sweeps, HTTP/1.1
     /// or HTTP/2, latency percentiles corrected for coordinated omission.
     Bench(Box<BenchArgs>),
+    /// Build an optimised engine plan from an ONNX model (like trtexec): folding, fusion,
+    /// FP16 assignment, memory planning; `--verify` checks it against ONNX Runtime.
+    Build(Box<build::BuildArgs>),
+    /// Summarise an ONNX model or a kiln plan: inputs, outputs, op counts, weights.
+    Inspect(build::InspectArgs),
 }
 
 #[derive(Args, Debug)]
@@ -84,6 +91,8 @@ fn main() -> anyhow::Result<()> {
             anyhow::ensure!(report.levels.iter().any(|l| l.requests > 0), "no request succeeded");
             Ok(())
         }
+        Command::Build(args) => build::build(&args),
+        Command::Inspect(args) => build::inspect(&args),
     }
 }
 

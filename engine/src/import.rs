@@ -108,8 +108,10 @@ pub fn import_model(model: &ModelProto, base_dir: Option<&Path>) -> Result<Graph
                 inputs.push(None);
             }
         }
-        let outputs = np
-            .output
+        // Exporters write skipped optional outputs as empty names (LayerNormalization's
+        // Mean/InvStdDev); trailing ones are simply not produced.
+        let used_outputs = np.output.iter().rposition(|o| !o.is_empty()).map_or(0, |i| i + 1);
+        let outputs = np.output[..used_outputs]
             .iter()
             .map(|o| {
                 let id = g.add_value(o.clone(), None);
@@ -149,34 +151,34 @@ pub fn import_model(model: &ModelProto, base_dir: Option<&Path>) -> Result<Graph
     Ok(g)
 }
 
-/// Names dynamic input dimensions: the first one of each input `batch`, the
-/// next distinct one `seq`; ONNX dim_params shared between inputs map alike.
+/// Names dynamic input dimensions: axis 0 of every input is `batch`; a
+/// sequence-like dim_param (`sequence`, `seq_len`…) is `seq`; other dim_params
+/// keep their names and unnamed dynamic dims get fresh ones.
 #[derive(Default)]
 struct DimNames {
-    map: HashMap<String, String>,
     fresh: usize,
 }
 
 impl DimNames {
     fn name(&mut self, param: Option<&str>, axis: usize) -> String {
-        if let Some(p) = param
-            && let Some(n) = self.map.get(p)
-        {
-            return n.clone();
+        if axis == 0 {
+            return BATCH.to_string();
         }
-        let taken: Vec<&String> = self.map.values().collect();
-        let n = if axis == 0 {
-            BATCH.to_string()
-        } else if !taken.iter().any(|s| s.as_str() == SEQ) {
-            SEQ.to_string()
-        } else {
-            self.fresh += 1;
-            format!("d{}", self.fresh)
-        };
-        let key = param.map(str::to_string).unwrap_or_else(|| format!("?{axis}:{}", self.fresh));
-        self.map.insert(key, n.clone());
-        n
+        match param {
+            Some(p) if is_sequence_name(p) => SEQ.to_string(),
+            Some(p) if !p.is_empty() => p.to_string(),
+            _ => {
+                self.fresh += 1;
+                format!("d{}", self.fresh)
+            }
+        }
     }
+}
+
+fn is_sequence_name(p: &str) -> bool {
+    let p = p.to_ascii_lowercase();
+    ["seq", "sequence", "seq_len", "sequence_length", "seqlen", "sentence_length", "tokens", "num_tokens"]
+        .contains(&p.as_str())
 }
 
 fn value_type(tp: Option<&kiln_onnx::TypeProto>, names: &mut DimNames) -> Result<ValueType, String> {

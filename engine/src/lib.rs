@@ -4,6 +4,7 @@
 //! reference executor.
 
 mod backend;
+pub mod builder;
 mod error;
 pub mod graph;
 pub mod import;
@@ -15,6 +16,7 @@ pub mod passes;
 pub mod plan;
 pub mod reference;
 mod tensor;
+pub mod verify;
 
 pub use backend::{Backend, Dim, ModelMetadata, TensorSpec};
 pub use error::EngineError;

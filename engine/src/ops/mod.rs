@@ -3,6 +3,7 @@
 //! subgraphs, symbolic values), and a CPU reference evaluation. Groups register
 //! their ops in [`registry`]; adding an op means adding one module and one line.
 
+mod logic;
 mod math;
 mod nn;
 mod shape;
@@ -101,6 +102,7 @@ pub fn registry() -> &'static Registry {
         nn::register(&mut r);
         shape::register(&mut r);
         math::register(&mut r);
+        logic::register(&mut r);
         r
     })
 }

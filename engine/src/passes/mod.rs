@@ -13,6 +13,9 @@ mod fp16;
 mod gelu;
 mod layer_norm;
 mod layout;
+mod movement;
+mod match_util;
+mod rewrite;
 mod shape_fold;
 
 pub use attention::AttentionFusion;
@@ -25,6 +28,7 @@ pub use fp16::{FP32_OPS, Fp16Assignment};
 pub use gelu::GeluFusion;
 pub use layer_norm::LayerNormFusion;
 pub use layout::NhwcLayout;
+pub use movement::MovementFolding;
 pub use shape_fold::ShapeFolding;
 
 use crate::graph::{Graph, GraphError, Precision};
@@ -65,6 +69,7 @@ pub fn pipeline(cx: &PassContext) -> Vec<Box<dyn Pass>> {
     let mut passes: Vec<Box<dyn Pass>> = vec![
         Box::new(ConstantFolding),
         Box::new(ShapeFolding),
+        Box::new(MovementFolding),
         Box::new(DeadNodeElimination),
         Box::new(ConstantFolding),
         Box::new(LayerNormFusion),

@@ -1,0 +1,271 @@
+//! `kiln build` (trtexec-like: ONNX → optimised plan, report, optional
+//! verification against ONNX Runtime) and `kiln inspect`.
+
+use std::collections::HashMap;
+use std::io::IsTerminal;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use anyhow::{Context, bail};
+use clap::{Args, ValueEnum};
+use indicatif::{ProgressBar, ProgressStyle};
+use kiln_engine::builder::{BuildOptions, BuildReport, Layout, human_bytes, precision_name};
+use kiln_engine::graph::{Graph, Precision, shape_string};
+use kiln_engine::plan::{self, Expect, Profile};
+use kiln_engine::reference::RunOptions;
+use kiln_engine::verify::{OutputError, sample_inputs, verify};
+use kiln_engine::{OrtRuntime, import};
+
+#[derive(Debug, Clone, Copy, ValueEnum)]
+pub enum PrecisionArg {
+    Fp32,
+    Fp16,
+}
+
+#[derive(Debug, Clone, Copy, ValueEnum)]
+pub enum LayoutArg {
+    Auto,
+    Nchw,
+    Nhwc,
+}
+
+#[derive(Args, Debug)]
+pub struct BuildArgs {
+    /// The ONNX model to build.
+    model: PathBuf,
+    /// Precision of the plan; FP16 keeps an allow-list of sensitive ops in FP32.
+    #[arg(long, value_enum, default_value = "fp32")]
+    precision: PrecisionArg,
+    /// Batch profile MIN:OPT:MAX.
+    #[arg(long, default_value = "1:8:64")]
+    batch: String,
+    /// Sequence profile MIN:OPT:MAX, for models with a dynamic sequence dimension.
+    #[arg(long, default_value = "1:128:512")]
+    seq: String,
+    /// Activation layout of convolution regions (auto: NHWC for FP16).
+    #[arg(long, value_enum, default_value = "auto")]
+    layout: LayoutArg,
+    /// Target recorded in the plan; loading refuses a plan built for another.
+    #[arg(long, default_value = "cpu-reference")]
+    arch: String,
+    /// Where to write the plan (default: the model's path with `.plan`).
+    #[arg(long)]
+    out: Option<PathBuf>,
+    /// Also write the build report as JSON here.
+    #[arg(long)]
+    report: Option<PathBuf>,
+    /// Run the optimised graph on the reference executor and the ONNX file on ONNX
+    /// Runtime with the same inputs; fail when an output's relative error exceeds --tolerance.
+    #[arg(long)]
+    verify: bool,
+    /// Batch size of the verification inputs.
+    #[arg(long, default_value_t = 2)]
+    verify_batch: usize,
+    /// Sequence length of the verification inputs.
+    #[arg(long, default_value_t = 16)]
+    verify_seq: usize,
+    /// Largest accepted max-abs error over the largest reference magnitude
+    /// (default 1e-4 for FP32, 2e-2 for FP16).
+    #[arg(long)]
+    tolerance: Option<f64>,
+    /// Path of the ONNX Runtime shared library used by --verify.
+    #[arg(long, env = "KILN_ORT_LIBRARY", default_value = ".kiln/lib/libonnxruntime.so")]
+    ort_library: PathBuf,
+}
+
+#[derive(Args, Debug)]
+pub struct InspectArgs {
+    /// An ONNX model or a kiln plan.
+    path: PathBuf,
+    /// List every node with its output shapes.
+    #[arg(long)]
+    nodes: bool,
+}
+
+/// `MIN:OPT:MAX` (or a single `N` for a fixed size).
+pub fn parse_profile(symbol: &str, text: &str) -> anyhow::Result<Profile> {
+    let parts: Vec<&str> = text.split(':').collect();
+    let nums = parts
+        .iter()
+        .map(|p| p.trim().parse::<usize>())
+        .collect::<Result<Vec<_>, _>>()
+        .with_context(|| format!("--{symbol} {text:?}: expected MIN:OPT:MAX"))?;
+    let (min, opt, max) = match nums.as_slice() {
+        [n] => (*n, *n, *n),
+        [a, b, c] => (*a, *b, *c),
+        _ => bail!("--{symbol} {text:?}: expected MIN:OPT:MAX"),
+    };
+    if !(1 <= min && min <= opt && opt <= max) {
+        bail!("--{symbol} {text:?}: need 1 ≤ MIN ≤ OPT ≤ MAX");
+    }
+    Ok(Profile { symbol: symbol.to_string(), min, opt, max })
+}
+
+fn symbols(graph: &Graph) -> Vec<String> {
+    let mut out: Vec<String> = Vec::new();
+    for &i in &graph.inputs {
+        for d in graph.shape(i).into_iter().flatten() {
+            for s in d.symbols() {
+                if !out.contains(s) {
+                    out.push(s.clone());
+                }
+            }
+        }
+    }
+    out
+}
+
+fn bar(len: u64) -> ProgressBar {
+    if !std::io::stderr().is_terminal() {
+        return ProgressBar::hidden();
+    }
+    let bar = ProgressBar::new(len);
+    let style = ProgressStyle::with_template("{spinner} [{bar:30}] {pos}/{len} {msg}")
+        .unwrap_or_else(|_| ProgressStyle::default_bar())
+        .progress_chars("=> ");
+    bar.set_style(style);
+    bar.enable_steady_tick(Duration::from_millis(120));
+    bar
+}
+
+pub fn build(args: &BuildArgs) -> anyhow::Result<()> {
+    let graph = import::import_file(&args.model).with_context(|| format!("cannot import {}", args.model.display()))?;
+    let mut profiles = Vec::new();
+    for s in symbols(&graph) {
+        profiles.push(match s.as_str() {
+            import::BATCH => parse_profile(import::BATCH, &args.batch)?,
+            import::SEQ => parse_profile(import::SEQ, &args.seq)?,
+            other => bail!("input dimension {other} is dynamic; kiln builds profiles for batch and seq only"),
+        });
+    }
+    let precision = match args.precision {
+        PrecisionArg::Fp32 => Precision::F32,
+        PrecisionArg::Fp16 => Precision::F16,
+    };
+    let opts = BuildOptions {
+        precision,
+        layout: match args.layout {
+            LayoutArg::Auto => Layout::Auto,
+            LayoutArg::Nchw => Layout::Nchw,
+            LayoutArg::Nhwc => Layout::Nhwc,
+        },
+        profiles,
+        arch: args.arch.clone(),
+        source: args.model.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default(),
+    };
+    let progress = bar(0);
+    let (plan, report) = kiln_engine::builder::build(graph, &opts, |pass, done, total| {
+        progress.set_length(total as u64 + 1);
+        progress.set_position(done as u64);
+        progress.set_message(pass.to_string());
+    })?;
+    progress.set_message("writing plan");
+    let out = args.out.clone().unwrap_or_else(|| args.model.with_extension("plan"));
+    plan::save(&plan, &out).with_context(|| format!("cannot write {}", out.display()))?;
+    progress.finish_and_clear();
+    println!("{report}");
+    let size = std::fs::metadata(&out).map(|m| m.len() as usize).unwrap_or(0);
+    println!("plan: {} ({})", out.display(), human_bytes(size));
+    if let Some(path) = &args.report {
+        write_json(path, &report)?;
+    }
+    if args.verify {
+        run_verify(args, &plan.graph, precision)?;
+    }
+    Ok(())
+}
+
+fn write_json(path: &Path, report: &BuildReport) -> anyhow::Result<()> {
+    let json = serde_json::to_string_pretty(report)?;
+    std::fs::write(path, json).with_context(|| format!("cannot write {}", path.display()))
+}
+
+fn run_verify(args: &BuildArgs, graph: &Graph, precision: Precision) -> anyhow::Result<()> {
+    let runtime = OrtRuntime::load(&args.ort_library).context("--verify needs ONNX Runtime")?;
+    let bindings: HashMap<String, usize> =
+        [(import::BATCH.to_string(), args.verify_batch), (import::SEQ.to_string(), args.verify_seq)].into();
+    let inputs = sample_inputs(graph, &bindings, 7)?;
+    let opts = RunOptions { emulate_fp16: precision == Precision::F16 };
+    let errors = verify(&runtime, &args.model, graph, &inputs, opts)?;
+    let tolerance = args.tolerance.unwrap_or(if precision == Precision::F16 { 2e-2 } else { 1e-4 });
+    print_errors(&errors, precision);
+    let worst = errors.iter().map(|e| e.max_rel).fold(0.0, f64::max);
+    if worst.is_nan() || worst > tolerance {
+        bail!("verification failed: relative error {worst:.3e} exceeds {tolerance:.1e}");
+    }
+    println!("verified against ONNX Runtime: worst relative error {worst:.3e} ≤ {tolerance:.1e}");
+    Ok(())
+}
+
+fn print_errors(errors: &[OutputError], precision: Precision) {
+    println!("verify ({} reference vs ONNX Runtime FP32):", precision_name(precision));
+    println!("  {:<24} {:<18} {:>11} {:>11} {:>10}", "output", "shape", "max abs", "max rel", "cosine");
+    for e in errors {
+        println!(
+            "  {:<24} {:<18} {:>11.3e} {:>11.3e} {:>10.6}",
+            e.name,
+            format!("{:?}", e.shape),
+            e.max_abs,
+            e.max_rel,
+            e.cosine
+        );
+    }
+}
+
+pub fn inspect(args: &InspectArgs) -> anyhow::Result<()> {
+    let mut magic = [0u8; 8];
+    let is_plan =
+        std::fs::File::open(&args.path).and_then(|mut f| std::io::Read::read_exact(&mut f, &mut magic)).is_ok()
+            && &magic == plan::MAGIC;
+    let graph = if is_plan {
+        let p = plan::load(&args.path, &Expect::default())
+            .with_context(|| format!("cannot load {}", args.path.display()))?;
+        let s = &p.settings;
+        println!(
+            "plan {} (kiln {}, arch {}, {})",
+            args.path.display(),
+            s.kiln_version,
+            s.arch,
+            precision_name(s.precision)
+        );
+        println!("  built from: {}", s.source);
+        for pr in &s.profiles {
+            println!("  profile {}: min {} opt {} max {}", pr.symbol, pr.min, pr.opt, pr.max);
+        }
+        p.graph
+    } else {
+        import::import_file(&args.path).with_context(|| format!("cannot import {}", args.path.display()))?
+    };
+    print_summary(&graph, args.nodes);
+    Ok(())
+}
+
+fn print_summary(g: &Graph, nodes: bool) {
+    let ty = |id: usize| {
+        g.value_type(id)
+            .map(|t| format!("{} {}", t.dtype, t.shape.as_deref().map(shape_string).unwrap_or_else(|| "[?]".into())))
+            .unwrap_or_else(|| "?".into())
+    };
+    println!(
+        "graph {} (opset {}): {} nodes, weights {}",
+        g.name,
+        g.opset,
+        g.nodes.len(),
+        human_bytes(g.weight_bytes())
+    );
+    for &i in &g.inputs {
+        println!("  input  {}: {}", g.value(i).name, ty(i));
+    }
+    for &o in &g.outputs {
+        println!("  output {}: {}", g.value(o).name, ty(o));
+    }
+    let ops: Vec<String> = g.op_histogram().iter().map(|(op, n)| format!("{op} ×{n}")).collect();
+    println!("  ops: {}", ops.join(", "));
+    if nodes {
+        for n in &g.nodes {
+            let outs: Vec<String> = n.outputs.iter().map(|&o| ty(o)).collect();
+            let prec = if n.precision == Precision::F16 { " fp16" } else { "" };
+            println!("  {:<40} {:<20} → {}{prec}", n.name, n.op, outs.join(", "));
+        }
+    }
+}

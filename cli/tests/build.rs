@@ -1,0 +1,107 @@
+//! `kiln build` and `kiln inspect` as a user runs them: a real build with
+//! `--verify` against ONNX Runtime, the JSON report, inspecting the plan, and
+//! clear failures (unsupported ops, bad profiles, corrupt plans) without panics.
+
+use std::path::PathBuf;
+use std::process::{Command, Output, Stdio};
+
+use anyhow::{Context, ensure};
+use kiln_tests::TempDir;
+use kiln_tests::resnet::{Depth, resnet};
+
+const KILN: &str = env!("CARGO_BIN_EXE_kiln");
+
+fn ort_library() -> anyhow::Result<PathBuf> {
+    let path = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../.kiln/lib/libonnxruntime.so");
+    ensure!(path.is_file(), "{} is missing: run `make setup` first", path.display());
+    Ok(path)
+}
+
+fn kiln(args: &[&str]) -> anyhow::Result<Output> {
+    let out = Command::new(KILN)
+        .args(args)
+        .env_remove("KILN_ORT_LIBRARY")
+        .stdin(Stdio::null())
+        .output()
+        .context("running kiln")?;
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    ensure!(!stderr.contains("panicked"), "kiln panicked: {stderr}");
+    Ok(out)
+}
+
+fn text(b: &[u8]) -> String {
+    String::from_utf8_lossy(b).into_owned()
+}
+
+#[test]
+fn build_verify_report_and_inspect_a_resnet() -> anyhow::Result<()> {
+    let dir = TempDir::new("cli-build")?;
+    let model = dir.path("r18.onnx");
+    kiln_onnx::save(&resnet(Depth::R18, 10, 3)?, &model)?;
+    let (plan, report) = (dir.path("r18.plan"), dir.path("report.json"));
+    let lib = ort_library()?;
+    let out = kiln(&[
+        "build",
+        model.to_str().context("path")?,
+        "--batch",
+        "1:4:16",
+        "--out",
+        plan.to_str().context("path")?,
+        "--report",
+        report.to_str().context("path")?,
+        "--verify",
+        "--verify-batch",
+        "1",
+        "--ort-library",
+        lib.to_str().context("path")?,
+    ])?;
+    let stdout = text(&out.stdout);
+    ensure!(out.status.success(), "kiln build failed: {stdout}\n{}", text(&out.stderr));
+    ensure!(stdout.contains("verified against ONNX Runtime"), "{stdout}");
+    ensure!(stdout.contains("bn_fold") && stdout.contains("activations at batch=16"), "{stdout}");
+    let json: serde_json::Value = serde_json::from_slice(&std::fs::read(&report)?)?;
+    ensure!(json["nodes_after"].as_u64() < json["nodes_before"].as_u64(), "{json}");
+    ensure!(json["peak_activation_bytes"].as_u64() < json["naive_activation_bytes"].as_u64(), "{json}");
+    ensure!(std::fs::read(&plan)?.starts_with(b"KILNPLAN"), "not a plan file");
+
+    let out = kiln(&["inspect", plan.to_str().context("path")?, "--nodes"])?;
+    let stdout = text(&out.stdout);
+    ensure!(out.status.success(), "{}", text(&out.stderr));
+    ensure!(stdout.contains("arch cpu-reference") && stdout.contains("kiln.FusedConv"), "{stdout}");
+    ensure!(stdout.contains("profile batch: min 1 opt 4 max 16"), "{stdout}");
+
+    let out = kiln(&["inspect", model.to_str().context("path")?])?;
+    ensure!(out.status.success() && text(&out.stdout).contains("BatchNormalization ×"), "{}", text(&out.stdout));
+    Ok(())
+}
+
+#[test]
+fn bad_models_profiles_and_plans_fail_clearly() -> anyhow::Result<()> {
+    let dir = TempDir::new("cli-build-bad")?;
+    let mut b = kiln_onnx::GraphBuilder::new("bad");
+    b.add_input(
+        "x",
+        kiln_onnx::DataType::Float,
+        &[kiln_onnx::Dim::Symbolic("batch".into()), kiln_onnx::Dim::Fixed(4)],
+    )?;
+    let y = b.add_node("NonZero", &["x"], vec![])?;
+    let z = b.add_node("Det", &["x"], vec![])?;
+    b.add_output(&y, kiln_onnx::DataType::Int64, &[])?;
+    b.add_output(&z, kiln_onnx::DataType::Float, &[])?;
+    let bad = dir.path("bad.onnx");
+    kiln_onnx::save(&b.finish(17), &bad)?;
+    let out = kiln(&["build", bad.to_str().context("path")?])?;
+    let stderr = text(&out.stderr);
+    ensure!(!out.status.success() && stderr.contains("NonZero") && stderr.contains("Det"), "{stderr}");
+
+    let model = dir.path("r18.onnx");
+    kiln_onnx::save(&resnet(Depth::R18, 10, 3)?, &model)?;
+    let out = kiln(&["build", model.to_str().context("path")?, "--batch", "8:1:64"])?;
+    ensure!(!out.status.success() && text(&out.stderr).contains("MIN ≤ OPT ≤ MAX"), "{}", text(&out.stderr));
+
+    let plan = dir.path("broken.plan");
+    std::fs::write(&plan, b"KILNPLAN\x01\x00")?;
+    let out = kiln(&["inspect", plan.to_str().context("path")?])?;
+    ensure!(!out.status.success() && text(&out.stderr).contains("plan"), "{}", text(&out.stderr));
+    Ok(())
+}
