@@ -11,7 +11,8 @@ fn main() -> anyhow::Result<()> {
         [d, out, ..] if d == "50" => (Depth::R50, out),
         _ => bail!("usage: make_resnet 18|50 OUT.onnx [CLASSES]"),
     };
-    let classes = args.get(2).map(|c| c.parse::<usize>()).transpose().context("CLASSES must be a number")?.unwrap_or(1000);
+    let classes =
+        args.get(2).map(|c| c.parse::<usize>()).transpose().context("CLASSES must be a number")?.unwrap_or(1000);
     kiln_onnx::save(&resnet(depth, classes, 42)?, out)?;
     println!("wrote {out}");
     Ok(())

@@ -13,8 +13,8 @@ mod fp16;
 mod gelu;
 mod layer_norm;
 mod layout;
-mod movement;
 mod match_util;
+mod movement;
 mod rewrite;
 mod shape_fold;
 
