@@ -94,6 +94,7 @@ pub fn import_model(model: &ModelProto, base_dir: Option<&Path>) -> Result<Graph
             continue;
         }
         let mut inputs = Vec::with_capacity(np.input.len());
+        let issues_before = issues.len();
         for inp in &np.input {
             if inp.is_empty() {
                 inputs.push(None);
@@ -125,6 +126,8 @@ pub fn import_model(model: &ModelProto, base_dir: Option<&Path>) -> Result<Graph
         node.attrs = attrs;
         match reg.get(&op) {
             None => issues.push(NodeIssue { node: name, op, reason: "op not supported by kiln".into() }),
+            // A node with a dangling input was reported already; its check would only repeat it.
+            Some(_) if issues.len() > issues_before => {}
             Some(def) => {
                 if let Err(reason) = def.check(&node) {
                     issues.push(NodeIssue { node: name, op, reason });
@@ -345,5 +348,114 @@ fn constant_value(attrs: &Attrs) -> Result<Tensor, String> {
         Some((k, Attr::Floats(f))) if k == "value_floats" => vector(f.len(), TensorData::F32(f.clone())),
         Some((k, Attr::Ints(i))) if k == "value_ints" => vector(i.len(), TensorData::I64(i.clone())),
         other => Err(format!("Constant with {other:?} is not supported")),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::path::PathBuf;
+
+    use kiln_onnx::proto::StringStringEntryProto;
+    use kiln_onnx::proto::tensor_proto::DataLocation;
+    use kiln_onnx::{GraphBuilder, attr_floats, tensor_f32};
+
+    use super::*;
+    use crate::reference::{RunOptions, run};
+
+    fn temp_dir(tag: &str) -> Result<PathBuf, String> {
+        let dir = std::env::temp_dir().join(format!("kiln-import-{tag}-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).map_err(|e| e.to_string())?;
+        Ok(dir)
+    }
+
+    /// `y = x + w` where `w` (4 floats) lives in an external file.
+    fn external_model(location: &str, offset: usize, length: Option<usize>) -> Result<ModelProto, String> {
+        let e = |e: kiln_onnx::OnnxError| e.to_string();
+        let mut b = GraphBuilder::new("ext");
+        b.add_input("x", DataType::Float, &[kiln_onnx::Dim::Fixed(4)]).map_err(e)?;
+        let mut w = tensor_f32("w", &[4], &[0.0; 4]).map_err(e)?;
+        w.raw_data.clear();
+        w.data_location = DataLocation::External as i32;
+        let entry = |k: &str, v: String| StringStringEntryProto { key: k.into(), value: v };
+        w.external_data = vec![entry("location", location.into()), entry("offset", offset.to_string())];
+        if let Some(l) = length {
+            w.external_data.push(entry("length", l.to_string()));
+        }
+        b.add_initializer(w).map_err(e)?;
+        let y = b.add_node("Add", &["x", "w"], vec![]).map_err(e)?;
+        b.add_output(&y, DataType::Float, &[kiln_onnx::Dim::Fixed(4)]).map_err(e)?;
+        Ok(b.finish(17))
+    }
+
+    #[test]
+    fn external_data_is_read_inside_the_model_directory_only() -> Result<(), String> {
+        let dir = temp_dir("ext")?;
+        let mut bytes = vec![0u8; 8]; // an offset before the data
+        bytes.extend([1.0f32, 2.0, 3.0, 4.0].iter().flat_map(|v| v.to_le_bytes()));
+        std::fs::write(dir.join("w.bin"), &bytes).map_err(|e| e.to_string())?;
+        let g = import_model(&external_model("w.bin", 8, Some(16))?, Some(&dir)).map_err(|e| e.to_string())?;
+        let x = Tensor::new(vec![4], TensorData::F32(vec![10.0; 4])).map_err(|e| e.to_string())?;
+        let y = run(&g, &[x], RunOptions::default()).map_err(|e| e.to_string())?;
+        assert_eq!(y[0].as_f32(), Some(&[11.0, 12.0, 13.0, 14.0][..]));
+
+        let refuse = |m: ModelProto, base: Option<&Path>, want: &str| -> Result<(), String> {
+            match import_model(&m, base) {
+                Ok(_) => Err(format!("accepted a model that should fail with {want:?}")),
+                Err(e) if e.to_string().contains(want) => Ok(()),
+                Err(e) => Err(format!("wrong error: {e}")),
+            }
+        };
+        refuse(external_model("../w.bin", 0, None)?, Some(&dir), "leaves the model directory")?;
+        refuse(external_model("/etc/passwd", 0, None)?, Some(&dir), "leaves the model directory")?;
+        refuse(external_model("w.bin", 16, Some(16))?, Some(&dir), "past its 24 bytes")?;
+        refuse(external_model("w.bin", 0, Some(12))?, Some(&dir), "12 data bytes for 4 elements")?;
+        refuse(external_model("missing.bin", 0, None)?, Some(&dir), "missing.bin")?;
+        refuse(external_model("w.bin", 8, None)?, None, "no model directory")?;
+        std::fs::remove_dir_all(&dir).map_err(|e| e.to_string())
+    }
+
+    #[test]
+    fn opsets_constants_and_dim_names() -> Result<(), String> {
+        let e = |e: kiln_onnx::OnnxError| e.to_string();
+        let mut b = GraphBuilder::new("g");
+        let dims = [
+            kiln_onnx::Dim::Symbolic("N".into()),
+            kiln_onnx::Dim::Symbolic("sequence_length".into()),
+            kiln_onnx::Dim::Symbolic("heads".into()),
+        ];
+        b.add_input("x", DataType::Float, &dims).map_err(e)?;
+        let c = b.add_node("Constant", &[], vec![attr_floats("value_floats", &[1.0, 2.0])]).map_err(e)?;
+        let y = b.add_node("Mul", &["x", &c], vec![]).map_err(e)?;
+        b.add_output(&y, DataType::Float, &[]).map_err(e)?;
+        let model = b.finish(17);
+        let g = import_model(&model, None).map_err(|e| e.to_string())?;
+        assert_eq!(g.shape(g.inputs[0]), Some(&vec![Dim::sym("batch"), Dim::sym("seq"), Dim::sym("heads")]));
+        assert!(g.nodes.iter().all(|n| n.op != "Constant"), "Constant nodes become constant values");
+        assert_eq!(g.shape(g.outputs[0]).map(Vec::len), Some(3));
+
+        let mut old = model.clone();
+        old.opset_import[0].version = 11;
+        let err = import_model(&old, None).err().map(|e| e.to_string()).unwrap_or_default();
+        assert!(err.contains("opset 11 is not supported"), "{err}");
+        let mut none = model;
+        none.opset_import.clear();
+        assert!(import_model(&none, None).is_err());
+        Ok(())
+    }
+
+    #[test]
+    fn dangling_inputs_and_outputs_are_reported_with_unsupported_ops() -> Result<(), String> {
+        let e = |e: kiln_onnx::OnnxError| e.to_string();
+        let mut b = GraphBuilder::new("g");
+        b.add_input("x", DataType::Float, &[kiln_onnx::Dim::Fixed(2)]).map_err(e)?;
+        let y = b.add_node("Relu", &["x"], vec![]).map_err(e)?;
+        b.add_output(&y, DataType::Float, &[]).map_err(e)?;
+        let mut model = b.finish(17);
+        let graph = model.graph.as_mut().ok_or("no graph")?;
+        graph.node[0].input[0] = "nowhere".into();
+        graph.node.push(kiln_onnx::NodeProto { op_type: "Loop".into(), name: "loop".into(), ..Default::default() });
+        let err = import_model(&model, None).err().map(|e| e.to_string()).unwrap_or_default();
+        assert!(err.contains("2 unsupported") && err.contains("nowhere") && err.contains("loop (Loop)"), "{err}");
+        Ok(())
     }
 }
