@@ -183,25 +183,6 @@ pub fn verify(
     compare(&names, &ours, &theirs)
 }
 
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn compare_reports_errors_and_never_hides_nan() -> Result<(), GraphError> {
-        let t = |v: Vec<f32>| {
-            Tensor::new(vec![v.len()], TensorData::F32(v)).map_err(|e| GraphError::Invalid(e.to_string()))
-        };
-        let names = vec!["y".to_string()];
-        let e = compare(&names, &[t(vec![1.0, 2.0])?], &[t(vec![1.0, 4.0])?])?;
-        assert_eq!((e[0].max_abs, e[0].max_rel), (2.0, 0.5));
-        let e = compare(&names, &[t(vec![f32::NAN, 2.0])?], &[t(vec![1.0, 2.0])?])?;
-        assert!(e[0].max_rel.is_infinite());
-        assert!(compare(&names, &[t(vec![1.0])?], &[t(vec![1.0, 2.0])?]).is_err());
-        Ok(())
-    }
-}
-
 /// A small deterministic generator: inputs must be reproducible across runs.
 struct Lcg(u64);
 
@@ -219,5 +200,24 @@ impl Lcg {
     fn normal(&mut self) -> f32 {
         let (u, v) = (self.uniform(), self.uniform());
         (-2.0 * u.ln()).sqrt() * (std::f32::consts::TAU * v).cos()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn compare_reports_errors_and_never_hides_nan() -> Result<(), GraphError> {
+        let t = |v: Vec<f32>| {
+            Tensor::new(vec![v.len()], TensorData::F32(v)).map_err(|e| GraphError::Invalid(e.to_string()))
+        };
+        let names = vec!["y".to_string()];
+        let e = compare(&names, &[t(vec![1.0, 2.0])?], &[t(vec![1.0, 4.0])?])?;
+        assert_eq!((e[0].max_abs, e[0].max_rel), (2.0, 0.5));
+        let e = compare(&names, &[t(vec![f32::NAN, 2.0])?], &[t(vec![1.0, 2.0])?])?;
+        assert!(e[0].max_rel.is_infinite());
+        assert!(compare(&names, &[t(vec![1.0])?], &[t(vec![1.0, 2.0])?]).is_err());
+        Ok(())
     }
 }
