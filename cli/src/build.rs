@@ -189,7 +189,11 @@ fn run_verify(args: &BuildArgs, graph: &Graph, precision: Precision) -> anyhow::
     let errors = verify(&runtime, &args.model, graph, &inputs, opts)?;
     let tolerance = args.tolerance.unwrap_or(if precision == Precision::F16 { 2e-2 } else { 1e-4 });
     print_errors(&errors, precision);
-    let worst = errors.iter().map(|e| e.max_rel).fold(0.0, f64::max);
+    // NaN-aware: f64::max would drop a NaN error and report success.
+    let worst = errors
+        .iter()
+        .map(|e| e.max_rel)
+        .fold(0.0, |a: f64, b| if a.is_nan() || b.is_nan() { f64::NAN } else { a.max(b) });
     if worst.is_nan() || worst > tolerance {
         bail!("verification failed: relative error {worst:.3e} exceeds {tolerance:.1e}");
     }

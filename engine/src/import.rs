@@ -125,6 +125,10 @@ pub fn import_model(model: &ModelProto, base_dir: Option<&Path>) -> Result<Graph
         let mut node = Node::new(name.clone(), op.clone(), inputs, outputs);
         node.attrs = attrs;
         match reg.get(&op) {
+            // Every op kiln has produces something; passes rely on outputs[0] existing.
+            _ if node.outputs.is_empty() => {
+                issues.push(NodeIssue { node: name, op, reason: "node has no outputs".into() })
+            }
             None => issues.push(NodeIssue { node: name, op, reason: "op not supported by kiln".into() }),
             // A node with a dangling input was reported already; its check would only repeat it.
             Some(_) if issues.len() > issues_before => {}
@@ -154,27 +158,49 @@ pub fn import_model(model: &ModelProto, base_dir: Option<&Path>) -> Result<Graph
     Ok(g)
 }
 
-/// Names dynamic input dimensions: axis 0 of every input is `batch`; a
-/// sequence-like dim_param (`sequence`, `seq_len`…) is `seq`; other dim_params
-/// keep their names and unnamed dynamic dims get fresh ones.
+/// Names dynamic input dimensions. Equal dim_params are one symbol and
+/// different ones stay different (folding relies on equal symbols meaning equal
+/// sizes). The first batch-like dim_param (`batch`, `N`…), or else the first
+/// non-sequence dim_param on an axis 0, becomes `batch`, as do unnamed axis-0
+/// dims (kiln batches every input along axis 0); the first sequence-like
+/// dim_param (`sequence`, `seq_len`…) becomes `seq`; others keep their names
+/// and unnamed dims get fresh ones.
 #[derive(Default)]
 struct DimNames {
+    map: HashMap<String, String>,
+    batch: bool,
+    seq: bool,
     fresh: usize,
 }
 
 impl DimNames {
     fn name(&mut self, param: Option<&str>, axis: usize) -> String {
-        if axis == 0 {
-            return BATCH.to_string();
-        }
-        match param {
-            Some(p) if is_sequence_name(p) => SEQ.to_string(),
-            Some(p) if !p.is_empty() => p.to_string(),
-            _ => {
-                self.fresh += 1;
-                format!("d{}", self.fresh)
+        let Some(p) = param.filter(|p| !p.is_empty()) else {
+            if axis == 0 {
+                self.batch = true;
+                return BATCH.to_string();
             }
+            self.fresh += 1;
+            return format!("d{}", self.fresh);
+        };
+        if let Some(n) = self.map.get(p) {
+            return n.clone();
         }
+        let batch_like = ["batch", "batch_size", "n", "bs"].contains(&p.to_ascii_lowercase().as_str());
+        let n = if !self.batch && (batch_like || (axis == 0 && !is_sequence_name(p))) {
+            self.batch = true;
+            BATCH.to_string()
+        } else if is_sequence_name(p) && !self.seq {
+            self.seq = true;
+            SEQ.to_string()
+        } else if p == BATCH || p == SEQ {
+            // A dim_param spelled like a kiln symbol but distinct from it.
+            format!("{p}_")
+        } else {
+            p.to_string()
+        };
+        self.map.insert(p.to_string(), n.clone());
+        n
     }
 }
 
@@ -237,7 +263,7 @@ pub fn tensor_from_proto(tp: &TensorProto, base_dir: Option<&Path>) -> Result<Te
     };
     let dtype = dtype_of(tp.data_type).map_err(err)?;
     let width = dtype.size_of().unwrap_or(1);
-    if !raw.is_empty() && raw.len() != n * width {
+    if !raw.is_empty() && Some(raw.len()) != n.checked_mul(width) {
         return Err(err(format!("{} data bytes for {n} elements of {dtype}", raw.len())));
     }
     let typed_len = |len: usize| if len == n { Ok(()) } else { Err(err(format!("{len} values for {n} elements"))) };
@@ -430,6 +456,16 @@ mod tests {
         let model = b.finish(17);
         let g = import_model(&model, None).map_err(|e| e.to_string())?;
         assert_eq!(g.shape(g.inputs[0]), Some(&vec![Dim::sym("batch"), Dim::sym("seq"), Dim::sym("heads")]));
+        // Different dim_params stay different symbols, even on axis 0.
+        let mut names = DimNames::default();
+        let got: Vec<String> = [(Some("N"), 0), (Some("M"), 0), (Some("N"), 1), (None, 0), (None, 2), (Some("seq"), 1)]
+            .iter()
+            .map(|&(p, a)| names.name(p, a))
+            .collect();
+        assert_eq!(got, ["batch", "M", "batch", "batch", "d1", "seq"]);
+        // Sequence-first layouts keep their names' meaning.
+        let mut names = DimNames::default();
+        assert_eq!([names.name(Some("sequence"), 0), names.name(Some("batch_size"), 1)], ["seq", "batch"]);
         assert!(g.nodes.iter().all(|n| n.op != "Constant"), "Constant nodes become constant values");
         assert_eq!(g.shape(g.outputs[0]).map(Vec::len), Some(3));
 

@@ -94,17 +94,23 @@ pub fn compare(names: &[String], ours: &[Tensor], reference: &[Tensor]) -> Resul
             let (x, y) = (as_f64(a), as_f64(b));
             let (mut max_abs, mut max_ref, mut dot, mut nx, mut ny) = (0f64, 0f64, 0f64, 0f64, 0f64);
             for (&p, &q) in x.iter().zip(&y) {
-                // f64::max ignores NaN, so a NaN on one side only must count as infinitely wrong.
-                let diff = if p.is_nan() || q.is_nan() {
-                    if p.is_nan() && q.is_nan() { 0.0 } else { f64::INFINITY }
+                // Equal values (equal infinities too) and NaN on both sides agree; NaN on
+                // one side only is infinitely wrong (f64::max would silently drop a NaN).
+                let diff = if p == q || (p.is_nan() && q.is_nan()) {
+                    0.0
+                } else if p.is_nan() || q.is_nan() {
+                    f64::INFINITY
                 } else {
                     (p - q).abs()
                 };
                 max_abs = max_abs.max(diff);
-                max_ref = max_ref.max(q.abs());
-                dot += p * q;
-                nx += p * p;
-                ny += q * q;
+                // Scale and cosine over finite pairs, so one infinity cannot hide the rest.
+                if p.is_finite() && q.is_finite() {
+                    max_ref = max_ref.max(q.abs());
+                    dot += p * q;
+                    nx += p * p;
+                    ny += q * q;
+                }
             }
             let cosine =
                 if nx == 0.0 && ny == 0.0 { 1.0 } else { dot / (nx.sqrt() * ny.sqrt()).max(f64::MIN_POSITIVE) };
@@ -216,6 +222,11 @@ mod tests {
         let e = compare(&names, &[t(vec![1.0, 2.0])?], &[t(vec![1.0, 4.0])?])?;
         assert_eq!((e[0].max_abs, e[0].max_rel), (2.0, 0.5));
         let e = compare(&names, &[t(vec![f32::NAN, 2.0])?], &[t(vec![1.0, 2.0])?])?;
+        assert!(e[0].max_rel.is_infinite());
+        // An infinity in the reference must not scale the error away.
+        let e = compare(&names, &[t(vec![1.0, 2.0, f32::NEG_INFINITY])?], &[t(vec![5.0, -7.0, f32::NEG_INFINITY])?])?;
+        assert_eq!((e[0].max_abs, e[0].max_rel), (9.0, 9.0 / 7.0));
+        let e = compare(&names, &[t(vec![1.0, f32::NAN])?], &[t(vec![1.0, f32::INFINITY])?])?;
         assert!(e[0].max_rel.is_infinite());
         assert!(compare(&names, &[t(vec![1.0])?], &[t(vec![1.0, 2.0])?]).is_err());
         Ok(())

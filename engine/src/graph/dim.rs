@@ -40,15 +40,18 @@ impl Dim {
         &self.syms
     }
 
+    /// The product. A coefficient overflowing i64 (only absurd models get there)
+    /// becomes the unbindable symbol `?overflow`, so planning fails with a message.
     pub fn mul(&self, other: &Dim) -> Dim {
+        let Some(coef) = self.coef.checked_mul(other.coef) else { return Dim::sym("?overflow") };
         let mut syms: Vec<String> = self.syms.iter().chain(&other.syms).cloned().collect();
         syms.sort();
-        Dim { coef: self.coef * other.coef, syms }
+        Dim { coef, syms }
     }
 
     /// Exact division, or `None` when `other` does not divide `self`.
     pub fn div(&self, other: &Dim) -> Option<Dim> {
-        if other.coef == 0 || self.coef % other.coef != 0 {
+        if self.coef.checked_rem(other.coef)? != 0 {
             return None;
         }
         let mut syms = self.syms.clone();
@@ -56,7 +59,7 @@ impl Dim {
             let at = syms.iter().position(|x| x == s)?;
             syms.remove(at);
         }
-        Some(Dim { coef: self.coef / other.coef, syms })
+        Some(Dim { coef: self.coef.checked_div(other.coef)?, syms })
     }
 
     /// The concrete size for given symbol values; `None` if a symbol is unbound.
@@ -128,6 +131,8 @@ mod tests {
         assert_eq!(per_row, Some(Dim::sym("batch").mul(&Dim::fixed(32))));
         assert_eq!(bs.div(&Dim::sym("heads")), None);
         assert_eq!(Dim::fixed(10).div(&Dim::fixed(3)), None);
+        assert_eq!(Dim::fixed(i64::MIN).div(&Dim::fixed(-1)), None);
+        assert_eq!(Dim::fixed(i64::MAX).mul(&Dim::fixed(3)), Dim::sym("?overflow"));
         let b: HashMap<String, usize> = [("batch".to_string(), 2), ("seq".to_string(), 5)].into();
         assert_eq!(bs.eval(&b), Some(3840));
         assert_eq!(Dim::sym("other").eval(&b), None);

@@ -40,8 +40,12 @@ impl Pass for AttentionFusion {
             if let Some(mask) = m.mask {
                 inputs.push(Some(mask));
             }
-            let fused = Node::new(format!("{}_attention", last.name), "kiln.Attention", inputs, last.outputs.clone())
-                .with_attr("scale", Attr::Float(m.scale as f32));
+            let mut fused =
+                Node::new(format!("{}_attention", last.name), "kiln.Attention", inputs, last.outputs.clone())
+                    .with_attr("scale", Attr::Float(m.scale as f32));
+            if m.guarded {
+                fused = fused.with_attr("zero_masked_rows", Attr::Int(1));
+            }
             if rw.fuse_with(graph, &idx, &m.nodes, m.last, fused, &m.bypass) {
                 masked += usize::from(m.mask.is_some());
                 folded += usize::from(m.folded);
@@ -71,6 +75,8 @@ struct Match {
     last: usize,
     /// Q/K scales outside the group, folded by reading past them.
     bypass: Vec<Bypass>,
+    /// The softmax had the NaN guard: fully masked rows give zeros.
+    guarded: bool,
 }
 
 fn match_attention(g: &Graph, idx: &Index, sm_i: usize) -> Option<Match> {
@@ -88,6 +94,7 @@ fn match_attention(g: &Graph, idx: &Index, sm_i: usize) -> Option<Match> {
         return None;
     }
     let mut nodes = vec![sm_i, pv_i];
+    let guarded = !guard.is_empty();
     nodes.extend(guard);
 
     // Scores, possibly through an additive mask on either side.
@@ -129,12 +136,12 @@ fn match_attention(g: &Graph, idx: &Index, sm_i: usize) -> Option<Match> {
     if !scale.is_finite() || scale == 0.0 {
         return None;
     }
-    Some(Match { q, kt, v, mask, scale, folded, nodes, last: pv_i, bypass })
+    Some(Match { q, kt, v, mask, scale, folded, nodes, last: pv_i, bypass, guarded })
 }
 
 /// `Where(IsNaN(p), 0, p)`: the guard PyTorch's SDPA export puts after the
-/// softmax so that fully masked rows give zeros instead of NaN (kiln.Attention
-/// defines such rows as zeros). Returns the guarded value and the two nodes.
+/// softmax so that fully masked rows give zeros instead of NaN (kiln.Attention's
+/// `zero_masked_rows`). Returns the guarded value and the two nodes.
 fn nan_guard(g: &Graph, idx: &Index, probs: ValueId) -> Option<(ValueId, Vec<usize>)> {
     let readers = idx.distinct_readers(probs);
     let [a, b] = readers.as_slice() else { return None };

@@ -54,7 +54,7 @@ impl Pass for MovementFolding {
                 continue;
             }
             let composed: Vec<usize> = q.iter().map(|&k| p[k]).collect();
-            let (Some(src), output) = (graph.nodes[j].input(0), node.outputs[0]) else { continue };
+            let (Some(src), Some(&output)) = (graph.nodes[j].input(0), node.outputs.first()) else { continue };
             dead.insert(i);
             dead.insert(j);
             added.push(transpose(graph, &format!("{}_merged", node.name), src, &composed, output));
@@ -114,7 +114,7 @@ fn reshape_transpose_reshape(
     }
     let x = r1.input(0)?;
     let xs = graph.shape(x)?;
-    let y = r1.outputs[0];
+    let y = *r1.outputs.first()?;
     let ys = graph.shape(y)?;
     // y merges the first k axes of x into one.
     let k = xs.len().checked_sub(ys.len())? + 1;
@@ -130,13 +130,13 @@ fn reshape_transpose_reshape(
     if p.first() != Some(&0) {
         return None;
     }
-    let z = tn.outputs[0];
+    let z = *tn.outputs.first()?;
     let r2 = sole_reader(graph, readers, dead, z)?;
     let r2n = &graph.nodes[r2];
     if r2n.op != "Reshape" {
         return None;
     }
-    let out = r2n.outputs[0];
+    let out = *r2n.outputs.first()?;
     let outs = graph.shape(out)?;
     let zs = graph.shape(z)?;
     let expected: Vec<Dim> = xs[..k].iter().chain(&zs[1..]).cloned().collect();

@@ -119,7 +119,9 @@ fn single_node_activation(graph: &Graph, r: usize) -> Option<Activation> {
 }
 
 /// Clip's bounds: constant inputs (opset ≥ 11) or attributes (older form).
-/// Missing bounds are the finite f32 extremes so attributes stay JSON-safe.
+/// Missing bounds are infinite (plans store non-finite floats). An inverted or
+/// NaN range is not fused: ONNX maps everything to max there, which the fused
+/// activation does not express.
 fn clip_bounds(graph: &Graph, node: &Node) -> Option<(f32, f32)> {
     let bound = |i: usize, attr: &str, default: f32| -> Option<f32> {
         match node.input(i) {
@@ -127,9 +129,9 @@ fn clip_bounds(graph: &Graph, node: &Node) -> Option<(f32, f32)> {
             None => node.attrs.float(attr, default).ok(),
         }
     };
-    let lo = bound(1, "min", f32::MIN)?.max(f32::MIN);
-    let hi = bound(2, "max", f32::MAX)?.min(f32::MAX);
-    Some((lo, hi))
+    let lo = bound(1, "min", f32::NEG_INFINITY)?;
+    let hi = bound(2, "max", f32::INFINITY)?;
+    (lo <= hi).then_some((lo, hi))
 }
 
 /// `Mul(v, Sigmoid(v))` in either operand order, with nothing else reading `v`

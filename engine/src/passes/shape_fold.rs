@@ -283,4 +283,22 @@ mod tests {
         assert_eq!(count(&g, "Concat"), 1);
         Ok(())
     }
+
+    #[test]
+    fn other_inputs_dynamic_dims_are_not_copied() -> TestResult {
+        // Expand(a [N, 3], Shape(b [M, 3])): M is not N, so the target stays dynamic.
+        let mut b = GraphBuilder::new("t");
+        let dims = |p: &str| [kiln_onnx::Dim::Symbolic(p.into()), kiln_onnx::Dim::Fixed(3)];
+        b.add_input("a", kiln_onnx::DataType::Float, &dims("N"))?;
+        b.add_input("b", kiln_onnx::DataType::Float, &dims("M"))?;
+        let shape = b.add_node("Shape", &["b"], vec![])?;
+        let y = b.add_node("Expand", &["a", &shape], vec![])?;
+        output(&mut b, &y)?;
+        let mut g = import(b)?;
+        let a = Tensor::new(vec![1, 3], TensorData::F32(vec![1.0, 2.0, 3.0]))?;
+        let bb = Tensor::new(vec![4, 3], TensorData::F32(vec![0.0; 12]))?;
+        let stats = check_pass(&ShapeFolding, &mut g, &[a, bb], TOL)?;
+        assert_eq!(stats.rewrites, 0, "{stats:?}");
+        Ok(())
+    }
 }

@@ -3,7 +3,7 @@
 use crate::graph::{Node, ValueType};
 use crate::ops::util::{broadcast_shapes, for_each_broadcast, input_type, tensor_f32, tensor_i64};
 use crate::ops::{InferInput, Inferred, OpDef};
-use crate::{Tensor, TensorData};
+use crate::{DType, Tensor, TensorData};
 
 pub(super) struct MinMax {
     pub name: &'static str,
@@ -21,6 +21,9 @@ impl OpDef for MinMax {
 
     fn infer(&self, _node: &Node, inputs: &[InferInput<'_>]) -> Result<Vec<Inferred>, String> {
         let first = input_type(inputs, 0)?;
+        if !matches!(first.dtype, DType::F32 | DType::I64 | DType::I32) {
+            return Err(format!("{} of {} is not supported", self.name, first.dtype));
+        }
         let mut shape = first.shape.clone();
         for i in 1..inputs.len() {
             let t = input_type(inputs, i)?;
@@ -69,6 +72,13 @@ impl MinMax {
                     out.push(if self.pick_max { x[i].max(y[j]) } else { x[i].min(y[j]) });
                 })?;
                 tensor_i64(shape, out)
+            }
+            (TensorData::I32(x), TensorData::I32(y)) => {
+                let mut out = Vec::new();
+                let shape = for_each_broadcast(a.shape(), b.shape(), |i, j| {
+                    out.push(if self.pick_max { x[i].max(y[j]) } else { x[i].min(y[j]) });
+                })?;
+                Tensor::new(shape, TensorData::I32(out)).map_err(|e| e.to_string())
             }
             _ => Err(format!("{} of {} and {} is not supported", self.name, a.dtype(), b.dtype())),
         }

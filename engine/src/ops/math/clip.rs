@@ -64,7 +64,19 @@ impl OpDef for Clip {
             TensorData::F32(x) => {
                 let lo = bound_f32(node, inputs, 1, "min", f32::NEG_INFINITY)?;
                 let hi = bound_f32(node, inputs, 2, "max", f32::INFINITY)?;
-                TensorData::F32(x.iter().map(|&v| v.max(lo).min(hi)).collect())
+                // Comparisons rather than max/min, so NaN passes through as in ONNX Runtime.
+                let clip = |v: f32| {
+                    if lo > hi {
+                        hi
+                    } else if v < lo {
+                        lo
+                    } else if v > hi {
+                        hi
+                    } else {
+                        v
+                    }
+                };
+                TensorData::F32(x.iter().map(|&v| clip(v)).collect())
             }
             TensorData::I64(x) => {
                 let (lo, hi) = (bound_int(inputs, 1, i64::MIN)?, bound_int(inputs, 2, i64::MAX)?);

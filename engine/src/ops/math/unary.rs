@@ -140,7 +140,8 @@ impl OpDef for Unary {
                 Kind::Erf => map(x, super::erf::erf),
                 Kind::Tanh => map(x, f32::tanh),
                 Kind::Sigmoid => map(x, sigmoid),
-                Kind::Relu => map(x, |v| v.max(0.0)),
+                // A comparison, not max: NaN must pass through as in ONNX Runtime.
+                Kind::Relu => map(x, |v| if v < 0.0 { 0.0 } else { v }),
                 Kind::Exp => map(x, f32::exp),
                 Kind::Neg => map(x, |v| -v),
                 Kind::Reciprocal => map(x, f32::recip),

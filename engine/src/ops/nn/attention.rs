@@ -2,7 +2,8 @@
 //! KT [B,H,D,Sk] (K already transposed, as exporters produce it), V [B,H,Sk,Dv]
 //! and an optional additive mask M broadcastable to [B,H,S,Sk]. Leading axes
 //! broadcast like MatMul's, so other ranks ≥ 2 work too.
-//! A row whose scores are all masked to -inf gives zeros rather than NaN.
+//! With `zero_masked_rows` = 1 (set when the exporter's NaN guard was fused) a
+//! row whose scores are all -inf gives zeros; otherwise NaN, as Softmax does.
 
 use rayon::prelude::*;
 
@@ -56,6 +57,7 @@ impl OpDef for Attention {
             return Err("Q, KT and V must have rank >= 2".into());
         }
         let scale = node.attrs.float("scale", 1.0)?;
+        let zero_masked_rows = node.attrs.int("zero_masked_rows", 0)? != 0;
         let (shape, mut scores) = matmul(f32s(q)?, q.shape(), f32s(kt)?, kt.shape())?;
         let rank = shape.len();
         let sk = shape[rank - 1];
@@ -90,9 +92,7 @@ impl OpDef for Attention {
                         j += 1;
                     }
                 }
-                // A row whose every score is masked to -inf attends to nothing: zeros,
-                // as PyTorch's exported SDPA guard (Where(IsNaN(p), 0, p)) defines it.
-                if row.iter().all(|&x| x == f32::NEG_INFINITY) {
+                if zero_masked_rows && row.iter().all(|&x| x == f32::NEG_INFINITY) {
                     row.fill(0.0);
                 } else {
                     softmax_row(row);
@@ -160,9 +160,10 @@ mod tests {
     }
 
     #[test]
-    fn fully_masked_rows_give_zeros() -> Result<(), String> {
-        let node =
+    fn fully_masked_rows_give_zeros_only_when_guarded() -> Result<(), String> {
+        let plain =
             Node::new("a", "kiln.Attention", (0..4).map(Some).collect(), vec![4]).with_attr("scale", Attr::Float(1.0));
+        let node = plain.clone().with_attr("zero_masked_rows", Attr::Int(1));
         let ones = |n| vec![1.0f32; n];
         let ins = [
             tensor_f32(vec![1, 1, 2, 2], ones(4))?,
@@ -173,6 +174,9 @@ mod tests {
         ];
         let y = Attention.eval(&node, &ins.iter().map(Some).collect::<Vec<_>>())?;
         assert_eq!(f32s(&y[0])?, &[0.0, 0.0, 2.0, 3.0]);
+        // Unguarded, a fully masked row is NaN, as the unfused Softmax gives.
+        let y = Attention.eval(&plain, &ins.iter().map(Some).collect::<Vec<_>>())?;
+        assert!(f32s(&y[0])?[..2].iter().all(|x| x.is_nan()));
         Ok(())
     }
 

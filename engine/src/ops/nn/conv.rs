@@ -90,7 +90,7 @@ fn check_channels(
     kernel: Option<[usize; 2]>,
     wk: [usize; 2],
 ) -> Result<(), String> {
-    if c != cg * group {
+    if Some(c) != cg.checked_mul(group) {
         return Err(format!("input has {c} channels, weights expect {cg} per group × {group} groups"));
     }
     if !m.is_multiple_of(group) {

@@ -96,7 +96,7 @@ impl WindowAttrs {
     /// and kernel size `k`.
     pub(crate) fn resolve(&self, i: usize, input: usize, k: usize) -> Result<Axis, String> {
         let (s, d) = (self.strides[i], self.dilations[i]);
-        let ek = (k - 1) * d + 1;
+        let ek = effective_kernel(k, d)?;
         let (pb, pe) = match self.auto_pad {
             AutoPad::NotSet => (self.pads[i], self.pads[i + 2]),
             AutoPad::Valid => (0, 0),
@@ -131,7 +131,7 @@ impl WindowAttrs {
             return Ok(Dim::fixed(self.resolve(i, n, k)?.out as i64));
         }
         let s = self.strides[i];
-        let ek = (k - 1) * self.dilations[i] + 1;
+        let ek = effective_kernel(k, self.dilations[i])?;
         let preserves = s == 1
             && match self.auto_pad {
                 AutoPad::SameUpper | AutoPad::SameLower => true,
@@ -152,6 +152,14 @@ fn pair(v: &[i64], name: &str, min: i64) -> Result<[usize; 2], String> {
         [a, b] if ok(*a) && ok(*b) => Ok([*a as usize, *b as usize]),
         _ => Err(format!("{name} {v:?}: only 2-D windows with values in {min}..={MAX_WINDOW} are supported")),
     }
+}
+
+/// Span of a dilated kernel; an empty kernel (from a weight with a 0 dim) is an error.
+fn effective_kernel(k: usize, d: usize) -> Result<usize, String> {
+    k.checked_sub(1)
+        .and_then(|k1| k1.checked_mul(d))
+        .and_then(|x| x.checked_add(1))
+        .ok_or_else(|| format!("kernel size {k} with dilation {d} is not a valid window"))
 }
 
 #[cfg(test)]

@@ -52,8 +52,8 @@ fn slice_len(d: &Dim, start: &Dim, end: &Dim, step: i64) -> Result<Option<Dim>, 
         (Some(0), 1) if to_end(end) => Some(d.clone()),
         // `x[0:seq]`: assumes the bound fits the dimension, as the model does.
         (Some(0), 1) if !end.is_fixed() => Some(end.clone()),
-        // `x[-k:]` of a symbolic dimension at least k long.
-        (Some(s), 1) if s < 0 && s > -HUGE && to_end(end) => Some(Dim::fixed(-s)),
+        // `x[-k:]` is min(k, d): not a monomial, so it gets a fresh symbol (a fixed k
+        // would be wrong for short inputs, and shape folding would bake it in).
         (Some(-1), -1) if end.as_fixed().is_some_and(|e| e <= -HUGE) => Some(d.clone()),
         _ => None,
     })
@@ -264,6 +264,11 @@ mod tests {
         // x[:, 0:] keeps seq.
         let out = infer(&n, &[x, konst(&zero, &zt), konst(&big, &bt), konst(&one, &ot)])?;
         assert_eq!(out.ty.shape, Some(vec![d("batch"), d("seq")]));
+        // x[:, -3:] is min(3, seq): a fresh symbol, never the constant 3.
+        let (m3, m1) = (i64t(&[1], &[-3]), i64t(&[1], &[1]));
+        let (m3t, m1t) = (vt(&m3), vt(&m1));
+        let out = infer(&n, &[x, konst(&m3, &m3t), konst(&big, &bt), konst(&m1, &m1t)])?.ty.shape.ok_or("no shape")?;
+        assert!(!out[1].is_fixed() && out[1] != d("seq"), "{out:?}");
         // Shape(x)[1:] of a shape value.
         let st = sym_ty(DType::I64, vec![f(3)]);
         let sv = [d("batch"), d("seq"), f(384)];
