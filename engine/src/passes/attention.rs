@@ -11,9 +11,8 @@
 //! such as Transpose and Reshape, as SDPA exports do with √scale on each) is
 //! folded into `scale` as well, since a scalar commutes with those.
 
-use super::match_util::{Bypass, Index, Rewriter, scalar_operand};
+use super::rewrite::{Bypass, Index, Rewriter, is_f32, scalar_operand};
 use super::{Pass, PassContext, PassStats};
-use crate::DType;
 use crate::graph::{Attr, Dim, Graph, GraphError, Node, ValueId};
 use crate::ops::util::norm_axis;
 
@@ -236,10 +235,6 @@ fn rank_of(g: &Graph, v: ValueId) -> Option<usize> {
     g.shape(v).map(Vec::len)
 }
 
-fn is_f32(g: &Graph, v: ValueId) -> bool {
-    g.value_type(v).is_some_and(|t| t.dtype == DType::F32)
-}
-
 /// False only when both shapes are known and differ (a mask that broadcasts
 /// the scores to a bigger shape is not the fused op's semantics).
 fn same_shape(g: &Graph, a: ValueId, b: ValueId) -> bool {
@@ -252,7 +247,7 @@ fn same_shape(g: &Graph, a: ValueId, b: ValueId) -> bool {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::passes::match_util::testing::{Tb, check_pass, count_op, random, random_data};
+    use crate::passes::testing::{Tb, check_pass, count, max_rel_diff, random, random_data, sym};
     use crate::passes::{PassContext, run_pass};
 
     const B: usize = 2;
@@ -334,14 +329,14 @@ mod tests {
         let scales = [Scale::Div, Scale::Mul, Scale::MulLeft, Scale::OnQ, Scale::OnBothThroughTranspose];
         for scale in scales {
             for mask in [None, Some(false), Some(true)] {
-                let g = build(scale, mask);
-                let (after, stats) = check_pass(&AttentionFusion, &g, &PassContext::default(), &inputs(), 1e-5, false);
+                let mut after = build(scale, mask);
                 let what = format!("{scale:?} mask={mask:?}");
+                let stats = check_pass(&AttentionFusion, &mut after, &inputs(), 1e-5).expect(&what);
                 assert_eq!(stats.rewrites, 1, "{what}");
-                assert_eq!(count_op(&after, "kiln.Attention"), 1, "{what}");
-                assert_eq!(count_op(&after, "Softmax"), 0, "{what}");
-                assert_eq!(count_op(&after, "MatMul"), 0, "{what}");
-                assert_eq!(count_op(&after, "Mul") + count_op(&after, "Div"), 0, "{what}: scales folded");
+                assert_eq!(count(&after, "kiln.Attention"), 1, "{what}");
+                assert_eq!(count(&after, "Softmax"), 0, "{what}");
+                assert_eq!(count(&after, "MatMul"), 0, "{what}");
+                assert_eq!(count(&after, "Mul") + count(&after, "Div"), 0, "{what}: scales folded");
                 let att = after.nodes.iter().find(|n| n.op == "kiln.Attention").expect("attention");
                 let s = att.attrs.float("scale", 0.0).expect("scale");
                 assert!((s - 0.5).abs() < 1e-6, "{what}: scale {s}");
@@ -374,8 +369,8 @@ mod tests {
         // The attention probabilities are an output too.
         let mut g = b.finish(&[y, p]).expect("build");
         assert_eq!(run_pass(&AttentionFusion, &mut g, &PassContext::default()).expect("pass").rewrites, 0);
-        assert_eq!(count_op(&g, "Softmax"), 1);
-        assert_eq!(count_op(&g, "Mul"), 1);
+        assert_eq!(count(&g, "Softmax"), 1);
+        assert_eq!(count(&g, "Mul"), 1);
     }
 
     /// A BERT-like layer as an exporter writes it, through the ONNX importer
@@ -383,7 +378,6 @@ mod tests {
     /// projections split into heads, masked scaled attention, erf GELU.
     fn bert_layer() -> Result<Graph, kiln_onnx::OnnxError> {
         use kiln_onnx::{DataType, Dim as OnnxDim, GraphBuilder, attr_int, attr_ints};
-        let sym = |s: &str| OnnxDim::Symbolic(s.into());
         let mut b = GraphBuilder::new("bert");
         b.add_input("x", DataType::Float, &[sym("batch"), sym("seq"), OnnxDim::Fixed(8)])?;
         b.add_input("mask", DataType::Float, &[sym("batch"), OnnxDim::Fixed(1), OnnxDim::Fixed(1), sym("seq")])?;
@@ -452,10 +446,10 @@ mod tests {
             assert_eq!(run_pass(pass, &mut after, &cx).expect("pass").rewrites, 1, "{}", pass.name());
         }
         for (op, n) in [("LayerNormalization", 1), ("Gelu", 1), ("kiln.Attention", 1), ("Softmax", 0), ("Erf", 0)] {
-            assert_eq!(count_op(&after, op), n, "{op}");
+            assert_eq!(count(&after, op), n, "{op}");
         }
         let got = crate::reference::run(&after, &inputs, Default::default()).expect("run");
-        let diff = crate::passes::match_util::testing::max_rel_diff(&before, &got);
+        let diff = max_rel_diff(&before, &got).expect("comparable outputs");
         assert!(diff <= 1e-5, "outputs differ by {diff}");
         assert_eq!(after.value(after.outputs[0]).name, "y");
     }

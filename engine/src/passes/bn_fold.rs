@@ -5,7 +5,7 @@
 
 use std::collections::HashSet;
 
-use super::rewrite::{Readers, Tally, const_f32, new_constant, remove_nodes, sole_reader};
+use super::rewrite::{Index, Tally, bias_or_zeros, const_f32, new_constant, remove_nodes};
 use super::{Pass, PassContext, PassStats};
 use crate::Tensor;
 use crate::graph::{Attr, Graph, GraphError, Node, ValueId};
@@ -21,22 +21,19 @@ impl Pass for BatchNormFold {
 
     fn run(&self, graph: &mut Graph, cx: &PassContext) -> Result<PassStats, GraphError> {
         let _ = cx;
-        let mut readers = graph.consumers();
-        let producers = graph.producers();
+        let mut idx = Index::new(graph);
         let mut dead = HashSet::new();
         let mut tally = Tally::default();
         for i in 0..graph.nodes.len() {
             if graph.nodes[i].op != "BatchNormalization" {
                 continue;
             }
-            let Some((x, p, affine)) = foldable(graph, &readers, &dead, &producers, i) else { continue };
+            let Some((x, p, affine)) = foldable(graph, &idx, &dead, i) else { continue };
             let Some(fold) = fold_into(graph, p, &affine) else { continue };
             let label = format!("{}+BatchNormalization", graph.nodes[p].op);
             let bn_out = graph.nodes[i].outputs[0];
             apply(graph, p, fold);
-            graph.replace_uses(bn_out, x);
-            let moved = readers.remove(&bn_out).unwrap_or_default();
-            readers.insert(x, moved);
+            idx.replace_uses(graph, bn_out, x);
             dead.insert(i);
             tally.add(label);
         }
@@ -59,23 +56,17 @@ struct Fold {
 }
 
 /// The BN's input, its producer and the affine map, when the BN can fold.
-fn foldable(
-    graph: &Graph,
-    readers: &Readers,
-    dead: &HashSet<usize>,
-    producers: &std::collections::HashMap<ValueId, usize>,
-    i: usize,
-) -> Option<(ValueId, usize, Affine)> {
+fn foldable(graph: &Graph, idx: &Index, dead: &HashSet<usize>, i: usize) -> Option<(ValueId, usize, Affine)> {
     let bn = &graph.nodes[i];
     let x = bn.input(0)?;
     let &y = bn.outputs.first()?;
     // Extra (training) outputs must be unused: the fold only reproduces Y.
-    let extra_used = bn.outputs[1..].iter().any(|&o| graph.is_output(o) || readers.contains_key(&o));
+    let extra_used = bn.outputs[1..].iter().any(|&o| idx.is_output(o) || !idx.readers(o).is_empty());
     if extra_used || graph.value(y).constant.is_some() {
         return None;
     }
-    let p = *producers.get(&x)?;
-    if dead.contains(&p) || sole_reader(graph, readers, dead, x) != Some(i) {
+    let p = idx.producer(x)?;
+    if dead.contains(&p) || idx.only_reader(x, dead) != Some(i) {
         return None;
     }
     let param = |k: usize| -> Option<&[f32]> { f32s(const_f32(graph, bn.input(k)?)?).ok() };
@@ -96,12 +87,6 @@ fn fold_into(graph: &Graph, p: usize, a: &Affine) -> Option<Fold> {
     let out_rank = graph.shape(*node.outputs.first()?)?.len();
     let w = const_f32(graph, node.input(1)?)?;
     let c = a.s.len();
-    let bias_or_zero = |k: usize| -> Option<Vec<f32>> {
-        match node.input(k) {
-            None => Some(vec![0.0; c]),
-            Some(v) => f32s(const_f32(graph, v)?).ok().filter(|b| b.len() == c).map(<[f32]>::to_vec),
-        }
-    };
     let folded_bias =
         |b: Vec<f32>| tensor_f32(vec![c], b.iter().zip(&a.s).zip(&a.t).map(|((b, s), t)| b * s + t).collect());
     match node.op.as_str() {
@@ -113,13 +98,17 @@ fn fold_into(graph: &Graph, p: usize, a: &Affine) -> Option<Fold> {
                 return None;
             }
             let weight = scale_rows(w, &a.s)?;
-            Some(Fold { weight, bias: folded_bias(bias_or_zero(2)?).ok()?, gemm: false })
+            Some(Fold { weight, bias: folded_bias(bias_or_zeros(graph, node, 2, c)?).ok()?, gemm: false })
         }
         "kiln.Dense" => {
             if !plain_fused(node) || out_rank != 2 || w.shape().len() != 2 || w.shape()[1] != c {
                 return None;
             }
-            Some(Fold { weight: scale_cols(w, &a.s)?, bias: folded_bias(bias_or_zero(2)?).ok()?, gemm: false })
+            Some(Fold {
+                weight: scale_cols(w, &a.s)?,
+                bias: folded_bias(bias_or_zeros(graph, node, 2, c)?).ok()?,
+                gemm: false,
+            })
         }
         "Gemm" => {
             let trans_b = node.attrs.int("transB", 0).ok()? != 0;
@@ -188,7 +177,7 @@ fn apply(graph: &mut Graph, p: usize, fold: Fold) {
 mod tests {
     use kiln_onnx::{GraphBuilder, attr_int};
 
-    use super::super::rewrite::testing::*;
+    use super::super::testing::*;
     use super::*;
 
     const TOL: f32 = 1e-5;

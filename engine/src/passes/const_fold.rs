@@ -87,8 +87,8 @@ fn bytes(t: &Tensor) -> usize {
 mod tests {
     use kiln_onnx::{GraphBuilder, attr_ints};
 
-    use super::super::rewrite::testing::*;
     use super::super::run_pass;
+    use super::super::testing::*;
     use super::*;
     use crate::ops::util::f32s;
 

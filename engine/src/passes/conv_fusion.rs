@@ -6,12 +6,9 @@
 
 use std::collections::HashSet;
 
-use super::rewrite::{
-    Readers, Tally, match_activation, new_constant, other_operand, per_channel, remove_nodes, sole_reader,
-};
+use super::rewrite::{Epilogue, Index, absorb_epilogue, fuse_in_place};
 use super::{Pass, PassContext, PassStats};
-use crate::graph::{Attr, Graph, GraphError, Node};
-use crate::ops::util::{f32s, tensor_f32};
+use crate::graph::{Attr, Graph, GraphError, Node, ValueId};
 
 #[derive(Debug, Clone, Copy, Default)]
 pub struct ConvFusion;
@@ -25,33 +22,15 @@ impl Pass for ConvFusion {
 
     fn run(&self, graph: &mut Graph, cx: &PassContext) -> Result<PassStats, GraphError> {
         let _ = cx;
-        let readers = graph.consumers();
-        let mut dead = HashSet::new();
-        let mut tally = Tally::default();
-        let mut rewrites = 0;
-        for i in 0..graph.nodes.len() {
-            if dead.contains(&i) {
-                continue;
+        let head = |graph: &mut Graph, i: usize| match graph.nodes[i].op.as_str() {
+            "Conv" => {
+                to_fused(graph, i);
+                Some(("Conv", true))
             }
-            let converted = match graph.nodes[i].op.as_str() {
-                "Conv" => {
-                    to_fused(graph, i);
-                    rewrites += 1;
-                    true
-                }
-                "kiln.FusedConv" => false,
-                _ => continue,
-            };
-            let before = dead.len();
-            let parts = absorb(graph, &readers, &mut dead, i)?;
-            rewrites += dead.len() - before;
-            if converted || !parts.is_empty() {
-                let head = if converted { "Conv" } else { "FusedConv" };
-                tally.add(std::iter::once(head).chain(parts).collect::<Vec<_>>().join("+"));
-            }
-        }
-        remove_nodes(graph, &dead);
-        Ok(PassStats { rewrites, notes: tally.notes() })
+            "kiln.FusedConv" => Some(("FusedConv", false)),
+            _ => None,
+        };
+        fuse_in_place(graph, head, absorb)
     }
 }
 
@@ -108,7 +87,7 @@ fn explicit_pads(graph: &Graph, node: &Node) -> Option<Vec<i64>> {
 /// Absorbs the chain after FusedConv `i`; returns the labels of what it took.
 fn absorb(
     graph: &mut Graph,
-    readers: &Readers,
+    idx: &Index,
     dead: &mut HashSet<usize>,
     i: usize,
 ) -> Result<Vec<&'static str>, GraphError> {
@@ -123,74 +102,23 @@ fn absorb(
         Some(m) => m as usize,
         None => return Ok(Vec::new()),
     };
-    let mut bias: Option<Vec<f32>> = None;
-    let mut z = node.input(3);
-    let mut out = start;
-    let mut parts = Vec::new();
-    loop {
-        if let Some(act) = match_activation(graph, readers, dead, out, ACTIVATIONS) {
-            let node = &mut graph.nodes[i];
-            node.attrs.insert("activation", Attr::String(act.name.into()));
-            if let Some((lo, hi)) = act.clip {
-                node.attrs.insert("clip_min", Attr::Float(lo));
-                node.attrs.insert("clip_max", Attr::Float(hi));
-            }
-            dead.extend(&act.nodes);
-            out = act.output;
-            parts.push(act.label);
-            break;
-        }
-        let Some(r) = sole_reader(graph, readers, dead, out) else { break };
-        let add = &graph.nodes[r];
-        let Some(other) = other_operand(add, out).filter(|_| add.op == "Add" && add.outputs.len() == 1) else { break };
-        if let Some(c) = graph.constant(other) {
-            // A [1, C, 1, 1]-like constant is a bias; in NHWC the channel axis moved.
-            let Some(extra) = per_channel(c, rank, 1, channels).filter(|_| !nhwc) else { break };
-            let Some(b) = bias.take().or_else(|| current_bias(graph, &graph.nodes[i], channels)) else { break };
-            bias = Some(b.iter().zip(&extra).map(|(x, y)| x + y).collect());
-            parts.push("Bias");
-        } else if z.is_none() && same_type(graph, out, other) {
-            z = Some(other);
-            parts.push("Add");
-        } else {
-            break;
-        }
-        dead.insert(r);
-        out = graph.nodes[r].outputs[0];
-    }
-    if out == start {
-        return Ok(parts);
-    }
-    let bias_id = match bias {
-        Some(b) => {
-            let t = tensor_f32(vec![channels], b).map_err(|e| invalid(&graph.nodes[i], e))?;
-            let hint = format!("{}_bias", graph.nodes[i].name);
-            Some(new_constant(graph, &hint, t))
-        }
-        None => graph.nodes[i].input(2),
+    let epilogue = Epilogue {
+        activations: ACTIVATIONS,
+        channels,
+        // A [1, C, 1, 1]-like constant is a bias; in NHWC the channel axis moved.
+        bias_axis: (!nhwc).then_some((rank, 1)),
+        residual: &residual,
     };
-    let node = &mut graph.nodes[i];
-    node.inputs.resize(4, None);
-    node.inputs[2] = bias_id;
-    node.inputs[3] = z;
-    while node.inputs.len() > 2 && node.inputs.last() == Some(&None) {
-        node.inputs.pop();
-    }
-    node.outputs[0] = out;
-    Ok(parts)
+    absorb_epilogue(graph, idx, dead, i, &epilogue)
 }
 
-/// The conv's bias values (zeros without one); `None` if it is not constant.
-fn current_bias(graph: &Graph, node: &Node, channels: usize) -> Option<Vec<f32>> {
-    match node.input(2) {
-        None => Some(vec![0.0; channels]),
-        Some(b) => f32s(graph.constant(b)?).ok().filter(|v| v.len() == channels).map(<[f32]>::to_vec),
+/// A residual must be a computed value of exactly the conv output's type (no
+/// broadcasting); a constant that is not a bias stops the chain.
+fn residual(graph: &Graph, out: ValueId, z: ValueId) -> bool {
+    if graph.constant(z).is_some() {
+        return false;
     }
-}
-
-/// A residual must have exactly the conv output's type (no broadcasting).
-fn same_type(graph: &Graph, a: usize, b: usize) -> bool {
-    match (graph.value_type(a), graph.value_type(b)) {
+    match (graph.value_type(out), graph.value_type(z)) {
         (Some(x), Some(y)) => x.shape.is_some() && x == y,
         _ => false,
     }
@@ -204,7 +132,7 @@ fn invalid(node: &Node, reason: String) -> GraphError {
 mod tests {
     use kiln_onnx::{GraphBuilder, attr_ints, attr_string};
 
-    use super::super::rewrite::testing::*;
+    use super::super::testing::*;
     use super::super::{BatchNormFold, PassContext, run_pass};
     use super::*;
 
@@ -328,9 +256,9 @@ mod tests {
         // Unknown spatial size: SAME stays symbolic.
         let mut rng = Lcg::new(5);
         let mut b = GraphBuilder::new("t");
-        b.add_input("x", kiln_onnx::DataType::Float, &dims(&[1, 2, -1, -1]))?;
+        let x = input(&mut b, "x", &[1, 2, -1, -1])?;
         let w = weight(&mut b, &mut rng, "w", &[3, 2, 3, 3])?;
-        let y = b.add_node("Conv", &["x", &w], vec![attr_string("auto_pad", "SAME_UPPER")])?;
+        let y = b.add_node("Conv", &[&x, &w], vec![attr_string("auto_pad", "SAME_UPPER")])?;
         output(&mut b, &y)?;
         let mut g = import(b)?;
         run_pass(&ConvFusion, &mut g, &PassContext::default())?;

@@ -48,7 +48,7 @@ impl Pass for DeadNodeElimination {
 mod tests {
     use kiln_onnx::GraphBuilder;
 
-    use super::super::rewrite::testing::*;
+    use super::super::testing::*;
     use super::*;
 
     #[test]

@@ -7,8 +7,7 @@
 
 use std::collections::HashSet;
 
-use super::rewrite::{Readers, Tally, const_f32, match_activation, new_constant, other_operand, per_channel};
-use super::rewrite::{remove_nodes, sole_reader};
+use super::rewrite::{Epilogue, Index, absorb_epilogue, const_f32, fuse_in_place, is_f32, new_constant, per_channel};
 use super::{Pass, PassContext, PassStats};
 use crate::Tensor;
 use crate::graph::{Attr, Attrs, Dim, Graph, GraphError, ValueId};
@@ -26,32 +25,13 @@ impl Pass for DenseFusion {
 
     fn run(&self, graph: &mut Graph, cx: &PassContext) -> Result<PassStats, GraphError> {
         let _ = cx;
-        let readers = graph.consumers();
-        let mut dead = HashSet::new();
-        let mut tally = Tally::default();
-        let mut rewrites = 0;
-        for i in 0..graph.nodes.len() {
-            if dead.contains(&i) {
-                continue;
-            }
-            let op = graph.nodes[i].op.clone();
-            let head = match op.as_str() {
-                "MatMul" if from_matmul(graph, i) => "MatMul",
-                "Gemm" if from_gemm(graph, i) => "Gemm",
-                "kiln.Dense" => "Dense",
-                _ => continue,
-            };
-            let converted = head != "Dense";
-            rewrites += usize::from(converted);
-            let before = dead.len();
-            let parts = absorb(graph, &readers, &mut dead, i);
-            rewrites += dead.len() - before;
-            if converted || !parts.is_empty() {
-                tally.add(std::iter::once(head).chain(parts).collect::<Vec<_>>().join("+"));
-            }
-        }
-        remove_nodes(graph, &dead);
-        Ok(PassStats { rewrites, notes: tally.notes() })
+        let head = |graph: &mut Graph, i: usize| match graph.nodes[i].op.as_str() {
+            "MatMul" => from_matmul(graph, i).then_some(("MatMul", true)),
+            "Gemm" => from_gemm(graph, i).then_some(("Gemm", true)),
+            "kiln.Dense" => Some(("Dense", false)),
+            _ => None,
+        };
+        fuse_in_place(graph, head, absorb)
     }
 }
 
@@ -67,7 +47,7 @@ fn from_matmul(graph: &mut Graph, i: usize) -> bool {
     let (Some(a), Some(w)) = (node.input(0), node.input(1)) else { return false };
     let Some(wt) = const_f32(graph, w) else { return false };
     let a_rank = graph.shape(a).map_or(0, Vec::len);
-    if wt.shape().len() != 2 || a_rank == 0 || graph.value_type(a).is_none_or(|t| t.dtype != crate::DType::F32) {
+    if wt.shape().len() != 2 || a_rank == 0 || !is_f32(graph, a) {
         return false;
     }
     let node = &mut graph.nodes[i];
@@ -134,77 +114,28 @@ fn gemm_weight(b: &Tensor, trans: bool, alpha: f32) -> Option<Option<Tensor>> {
 }
 
 /// Absorbs the chain after Dense `i`; returns the labels of what it took.
-fn absorb(graph: &mut Graph, readers: &Readers, dead: &mut HashSet<usize>, i: usize) -> Vec<&'static str> {
+fn absorb(
+    graph: &mut Graph,
+    idx: &Index,
+    dead: &mut HashSet<usize>,
+    i: usize,
+) -> Result<Vec<&'static str>, GraphError> {
     let node = &graph.nodes[i];
-    let (Some(&start), Some(w)) = (node.outputs.first(), node.input(1)) else { return Vec::new() };
+    let (Some(&start), Some(w)) = (node.outputs.first(), node.input(1)) else { return Ok(Vec::new()) };
     if node.attrs.string("activation", "none").ok().as_deref() != Some("none") {
-        return Vec::new();
+        return Ok(Vec::new());
     }
-    let Some(out_shape) = graph.shape(start).cloned() else { return Vec::new() };
+    let Some(out_shape) = graph.shape(start).cloned() else { return Ok(Vec::new()) };
     let Some(n) = graph.shape(w).and_then(|s| s.get(1)).and_then(Dim::as_fixed).map(|n| n as usize) else {
-        return Vec::new();
+        return Ok(Vec::new());
     };
-    let rank = out_shape.len();
-    let mut bias: Option<Vec<f32>> = None;
-    let mut z = node.input(3);
-    let mut out = start;
-    let mut parts = Vec::new();
-    loop {
-        if let Some(act) = match_activation(graph, readers, dead, out, ACTIVATIONS) {
-            let node = &mut graph.nodes[i];
-            node.attrs.insert("activation", Attr::String(act.name.into()));
-            if let Some((lo, hi)) = act.clip {
-                node.attrs.insert("clip_min", Attr::Float(lo));
-                node.attrs.insert("clip_max", Attr::Float(hi));
-            }
-            dead.extend(&act.nodes);
-            out = act.output;
-            parts.push(act.label);
-            break;
-        }
-        let Some(r) = sole_reader(graph, readers, dead, out) else { break };
-        let add = &graph.nodes[r];
-        let Some(other) = other_operand(add, out).filter(|_| add.op == "Add" && add.outputs.len() == 1) else { break };
-        let row = graph.constant(other).and_then(|c| per_channel(c, rank.max(1), rank.max(1) - 1, n));
-        if let Some(extra) = row {
-            let Some(b) = bias.take().or_else(|| current_bias(graph, i, n)) else { break };
-            bias = Some(b.iter().zip(&extra).map(|(x, y)| x + y).collect());
-            parts.push("Bias");
-        } else if z.is_none() && fits(graph, other, &out_shape) {
-            z = Some(other);
-            parts.push("Add");
-        } else {
-            break;
-        }
-        dead.insert(r);
-        out = graph.nodes[r].outputs[0];
-    }
-    if out == start {
-        return parts;
-    }
-    let mut bias_id = graph.nodes[i].input(2);
-    if let Some(b) = bias {
-        let Ok(t) = tensor_f32(vec![n], b) else { return parts };
-        let hint = format!("{}_bias", graph.nodes[i].name);
-        bias_id = Some(new_constant(graph, &hint, t));
-    }
-    let node = &mut graph.nodes[i];
-    node.inputs.resize(4, None);
-    node.inputs[2] = bias_id;
-    node.inputs[3] = z;
-    while node.inputs.len() > 2 && node.inputs.last() == Some(&None) {
-        node.inputs.pop();
-    }
-    node.outputs[0] = out;
-    parts
-}
-
-/// The Dense's bias values (zeros without one); `None` if it is not constant.
-fn current_bias(graph: &Graph, i: usize, n: usize) -> Option<Vec<f32>> {
-    match graph.nodes[i].input(2) {
-        None => Some(vec![0.0; n]),
-        Some(b) => f32s(graph.constant(b)?).ok().filter(|v| v.len() == n).map(<[f32]>::to_vec),
-    }
+    let rank = out_shape.len().max(1);
+    // Any tensor that broadcasts into the output is a residual, a constant
+    // that is no `[N]` row included (e.g. position embeddings).
+    let residual = |g: &Graph, _out: ValueId, z: ValueId| fits(g, z, &out_shape);
+    let epilogue =
+        Epilogue { activations: ACTIVATIONS, channels: n, bias_axis: Some((rank, rank - 1)), residual: &residual };
+    absorb_epilogue(graph, idx, dead, i, &epilogue)
 }
 
 /// Whether adding `z` leaves the output shape as it is (z broadcasts into it).
@@ -222,7 +153,7 @@ fn fits(graph: &Graph, z: ValueId, out: &[Dim]) -> bool {
 mod tests {
     use kiln_onnx::{GraphBuilder, attr_float, attr_int, attr_string};
 
-    use super::super::rewrite::testing::*;
+    use super::super::testing::*;
     use super::*;
 
     const TOL: f32 = 1e-5;

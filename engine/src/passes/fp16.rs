@@ -24,6 +24,7 @@
 use std::collections::{BTreeMap, HashMap};
 use std::sync::Arc;
 
+use super::rewrite::components;
 use super::{Pass, PassContext, PassStats};
 use crate::graph::{Attr, Graph, GraphError, Node, Precision};
 use crate::reference::round_f16;
@@ -166,36 +167,10 @@ fn round_weights(g: &mut Graph) -> usize {
 /// each set of ops (e.g. `[LayerNormalization]`).
 fn islands(g: &Graph, float: &[bool]) -> (usize, BTreeMap<String, usize>) {
     let fp32 = |i: usize| float[i] && g.nodes[i].precision == Precision::F32;
-    let mut parent: Vec<usize> = (0..g.nodes.len()).collect();
-    fn find(parent: &mut [usize], mut i: usize) -> usize {
-        while parent[i] != i {
-            parent[i] = parent[parent[i]];
-            i = parent[i];
-        }
-        i
-    }
-    let producers = g.producers();
-    for (i, n) in g.nodes.iter().enumerate() {
-        if !fp32(i) {
-            continue;
-        }
-        for v in n.inputs.iter().flatten() {
-            if let Some(&p) = producers.get(v)
-                && fp32(p)
-            {
-                let (a, b) = (find(&mut parent, i), find(&mut parent, p));
-                parent[a] = b;
-            }
-        }
-    }
-    let mut groups: BTreeMap<usize, Vec<&str>> = BTreeMap::new();
-    for i in (0..g.nodes.len()).filter(|&i| fp32(i)) {
-        let r = find(&mut parent, i);
-        groups.entry(r).or_default().push(g.nodes[i].op.as_str());
-    }
+    let groups = components(g, fp32, |i| g.nodes[i].inputs.iter().flatten().copied().collect());
     let mut signatures: BTreeMap<String, usize> = BTreeMap::new();
-    for ops in groups.values() {
-        let mut ops = ops.clone();
+    for group in &groups {
+        let mut ops: Vec<&str> = group.iter().map(|&i| g.nodes[i].op.as_str()).collect();
         ops.sort_unstable();
         ops.dedup();
         *signatures.entry(format!("[{}]", ops.join("+"))).or_default() += 1;
@@ -206,8 +181,8 @@ fn islands(g: &Graph, float: &[bool]) -> (usize, BTreeMap<String, usize>) {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::passes::match_util::testing::{Tb, check_pass, random, random_data};
     use crate::passes::run_pass;
+    use crate::passes::testing::{Tb, check_pass_with, random, random_data};
 
     fn f16_cx() -> PassContext {
         PassContext { precision: Precision::F16, ..PassContext::default() }
@@ -245,7 +220,8 @@ mod tests {
     #[test]
     fn assigns_fp16_except_sensitive_ops_and_rounds_weights() {
         let (g, inputs) = build();
-        let (after, stats) = check_pass(&Fp16Assignment, &g, &f16_cx(), &inputs, 2e-2, true);
+        let mut after = g.clone();
+        let stats = check_pass_with(&Fp16Assignment, &mut after, &f16_cx(), &inputs, 2e-2, true).expect("check");
         for op in ["MatMul", "Add", "Relu", "Sub"] {
             assert_eq!(node(&after, op).precision, Precision::F16, "{op}");
         }

@@ -11,7 +11,7 @@
 
 use std::f64::consts::{FRAC_1_SQRT_2, PI, SQRT_2};
 
-use super::match_util::{Index, Rewriter, is_scalar, near, other_input, scalar_operand};
+use super::rewrite::{Index, Rewriter, is_scalar, near, other_input, scalar_operand};
 use super::{Pass, PassContext, PassStats};
 use crate::graph::{Attr, Graph, GraphError, Node, ValueId};
 
@@ -166,7 +166,7 @@ fn match_tail(g: &Graph, idx: &Index, f_i: usize, x: ValueId, nodes: &mut Vec<us
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::passes::match_util::testing::{Tb, check_pass, count_op, random};
+    use crate::passes::testing::{Tb, check_pass, count, random};
     use crate::passes::{PassContext, run_pass};
 
     #[derive(Clone, Copy, Debug)]
@@ -241,21 +241,26 @@ mod tests {
         b.finish(&[y]).expect("build")
     }
 
+    /// Runs the pass on `g` and checks it became one `Gelu` with `approximate`,
+    /// producing the original output value.
+    fn assert_one_gelu(mut g: Graph, x: &crate::Tensor, approximate: &str, what: &str) {
+        let out_name = g.value(g.outputs[0]).name.clone();
+        let stats = check_pass(&GeluFusion, &mut g, std::slice::from_ref(x), 1e-5).expect(what);
+        assert_eq!(stats.rewrites, 1, "{what}");
+        assert_eq!(g.nodes.len(), 1, "{what}");
+        assert_eq!(g.nodes[0].op, "Gelu", "{what}");
+        assert_eq!(g.nodes[0].attrs.string("approximate", ""), Ok(approximate.to_string()), "{what}");
+        assert_eq!(g.value(g.outputs[0]).name, out_name, "{what}");
+    }
+
     #[test]
     fn erf_forms_fuse_to_exact_gelu() {
         let x = random(&[3, 7], 11, 4.0);
         for div in [true, false] {
             for half in [Half::First, Half::OnSum, Half::Last] {
                 for swap in [false, true] {
-                    let g = erf_graph(div, half, swap);
-                    let (after, stats) =
-                        check_pass(&GeluFusion, &g, &PassContext::default(), std::slice::from_ref(&x), 1e-5, false);
                     let what = format!("div={div} half={half:?} swap={swap}");
-                    assert_eq!(stats.rewrites, 1, "{what}");
-                    assert_eq!(after.nodes.len(), 1, "{what}");
-                    assert_eq!(after.nodes[0].op, "Gelu", "{what}");
-                    assert_eq!(after.nodes[0].attrs.string("approximate", ""), Ok("none".to_string()));
-                    assert_eq!(after.value(after.outputs[0]).name, g.value(g.outputs[0]).name);
+                    assert_one_gelu(erf_graph(div, half, swap), &x, "none", &what);
                 }
             }
         }
@@ -267,14 +272,8 @@ mod tests {
         for cube in 0..3 {
             for half in [Half::First, Half::OnSum, Half::Last] {
                 for swap in [false, true] {
-                    let g = tanh_graph(cube, half, swap);
-                    let (after, stats) =
-                        check_pass(&GeluFusion, &g, &PassContext::default(), std::slice::from_ref(&x), 1e-5, false);
                     let what = format!("cube={cube} half={half:?} swap={swap}");
-                    assert_eq!(stats.rewrites, 1, "{what}");
-                    assert_eq!(count_op(&after, "Gelu"), 1, "{what}");
-                    assert_eq!(after.nodes.len(), 1, "{what}");
-                    assert_eq!(after.nodes[0].attrs.string("approximate", ""), Ok("tanh".to_string()));
+                    assert_one_gelu(tanh_graph(cube, half, swap), &x, "tanh", &what);
                 }
             }
         }
@@ -291,7 +290,7 @@ mod tests {
         let y = tail(&mut b, x, e, Half::Last, false);
         let mut g = b.finish(&[y]).expect("build");
         assert_eq!(run_pass(&GeluFusion, &mut g, &PassContext::default()).expect("pass").rewrites, 0);
-        assert_eq!(count_op(&g, "Erf"), 1);
+        assert_eq!(count(&g, "Erf"), 1);
 
         // The Erf result is also read elsewhere.
         let mut b = Tb::new();
@@ -302,6 +301,6 @@ mod tests {
         let y = tail(&mut b, x, e, Half::First, false);
         let mut g = b.finish(&[y, e]).expect("build");
         assert_eq!(run_pass(&GeluFusion, &mut g, &PassContext::default()).expect("pass").rewrites, 0);
-        assert_eq!(count_op(&g, "Gelu"), 0);
+        assert_eq!(count(&g, "Gelu"), 0);
     }
 }

@@ -11,11 +11,11 @@
 //!
 //! becomes one `LayerNormalization(x, gamma, beta)`.
 
-use super::match_util::{Index, Rewriter, is_scalar, other_input, scalar_operand};
+use super::rewrite::{Index, Rewriter, is_f32, is_scalar, other_input, scalar_operand};
 use super::{Pass, PassContext, PassStats};
 use crate::graph::{Attr, Graph, GraphError, Node, ValueId};
 use crate::ops::util::{ints, norm_axis};
-use crate::{DType, Tensor, TensorData};
+use crate::{Tensor, TensorData};
 
 #[derive(Debug, Clone, Copy, Default)]
 pub struct LayerNormFusion;
@@ -169,10 +169,6 @@ fn match_layer_norm(g: &Graph, idx: &Index, mean_node: usize) -> Option<Match> {
     })
 }
 
-fn is_f32(g: &Graph, v: ValueId) -> bool {
-    g.value_type(v).is_some_and(|t| t.dtype == DType::F32)
-}
-
 /// A ReduceMean over exactly the last axis, keeping dims (axes as attribute
 /// before opset 18, as input from 18 on).
 fn reduces_last_axis(g: &Graph, n: &Node, rank: usize) -> bool {
@@ -211,7 +207,7 @@ fn per_feature(g: &Graph, v: ValueId, rank: usize, channels: Option<usize>) -> O
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::passes::match_util::testing::{Tb, check_pass, count_op, random, random_data};
+    use crate::passes::testing::{Tb, check_pass, count, random, random_data};
     use crate::passes::{PassContext, run_pass};
 
     /// Which exporter ordering to build.
@@ -274,11 +270,11 @@ mod tests {
                 swap_operands: bits & 8 != 0,
                 axes_input: bits & 16 != 0,
             };
-            let g = build(v);
-            let (after, stats) =
-                check_pass(&LayerNormFusion, &g, &PassContext::default(), std::slice::from_ref(&x), 1e-5, false);
+            let mut after = build(v);
+            let stats = check_pass(&LayerNormFusion, &mut after, std::slice::from_ref(&x), 1e-5)
+                .unwrap_or_else(|e| panic!("variant {bits}: {e}"));
             assert_eq!(stats.rewrites, 1, "variant {bits}");
-            assert_eq!(count_op(&after, "LayerNormalization"), 1, "variant {bits}");
+            assert_eq!(count(&after, "LayerNormalization"), 1, "variant {bits}");
             assert_eq!(after.nodes.len(), 2, "variant {bits}: only LayerNormalization and Relu remain");
             let ln = &after.nodes[0];
             assert!((ln.attrs.float("epsilon", 0.0).expect("eps") - 1e-5).abs() < 1e-9);
@@ -302,7 +298,7 @@ mod tests {
         let mut g = b.finish(&[y, var]).expect("build");
         let stats = run_pass(&LayerNormFusion, &mut g, &PassContext::default()).expect("pass");
         assert_eq!(stats.rewrites, 0);
-        assert_eq!(count_op(&g, "LayerNormalization"), 0);
+        assert_eq!(count(&g, "LayerNormalization"), 0);
     }
 
     #[test]

@@ -12,6 +12,7 @@
 
 use std::collections::HashMap;
 
+use super::rewrite::components;
 use super::{Pass, PassContext, PassStats};
 use crate::graph::{Attr, Graph, GraphError, Node, ValueId};
 use crate::{DType, Tensor, TensorData};
@@ -134,37 +135,12 @@ fn data_inputs(g: &Graph, n: &Node, role: Role) -> Vec<(usize, ValueId)> {
 
 /// Connected components of candidate nodes that contain a convolution.
 fn regions(g: &Graph, roles: &[Option<Role>]) -> Vec<Vec<usize>> {
-    let mut parent: Vec<usize> = (0..g.nodes.len()).collect();
-    fn find(parent: &mut [usize], mut i: usize) -> usize {
-        while parent[i] != i {
-            parent[i] = parent[parent[i]];
-            i = parent[i];
-        }
-        i
-    }
-    let producers = g.producers();
-    for (i, n) in g.nodes.iter().enumerate() {
-        let Some(role) = roles[i] else { continue };
-        for (_, v) in data_inputs(g, n, role) {
-            if let Some(&p) = producers.get(&v)
-                && roles[p].is_some()
-            {
-                let (a, b) = (find(&mut parent, i), find(&mut parent, p));
-                parent[a] = b;
-            }
-        }
-    }
-    let mut comps: HashMap<usize, Vec<usize>> = HashMap::new();
-    for (i, role) in roles.iter().enumerate() {
-        if role.is_some() {
-            let r = find(&mut parent, i);
-            comps.entry(r).or_default().push(i);
-        }
-    }
-    let mut out: Vec<Vec<usize>> =
-        comps.into_values().filter(|c| c.iter().any(|&i| roles[i] == Some(Role::Conv))).collect();
-    out.sort();
-    out
+    let links = |i: usize| {
+        roles[i].map_or(Vec::new(), |r| data_inputs(g, &g.nodes[i], r).into_iter().map(|(_, v)| v).collect())
+    };
+    let mut all = components(g, |i| roles[i].is_some(), links);
+    all.retain(|c| c.iter().any(|&i| roles[i] == Some(Role::Conv)));
+    all
 }
 
 /// Rewrites regions, sharing the Transposes into NHWC and permuted constants.
@@ -313,7 +289,7 @@ fn permute(t: &Tensor, dims: &[usize], perm: &[usize]) -> Option<Tensor> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::passes::match_util::testing::{Tb, check_pass, count_op, random, random_data};
+    use crate::passes::testing::{Tb, check_pass_with, count, random, random_data};
 
     fn nhwc() -> PassContext {
         PassContext { nhwc: true, ..PassContext::default() }
@@ -353,10 +329,11 @@ mod tests {
                 vec![("kernel_shape", Attr::Ints(vec![2, 2])), ("strides", Attr::Ints(vec![2, 2]))],
             );
             let f = b.node_attrs("Flatten", &[p], vec![("axis", Attr::Int(1))]);
-            let g = b.finish(&[f]).expect("build");
-            let out_name = g.value(g.outputs[0]).name.clone();
-            let (after, stats) = check_pass(&NhwcLayout, &g, &nhwc(), &[random(&[2, 3, 6, 6], 5, 1.0)], 1e-5, false);
-            assert_eq!(count_op(&after, "Transpose"), 2, "const_add={const_add}");
+            let mut after = b.finish(&[f]).expect("build");
+            let out_name = after.value(after.outputs[0]).name.clone();
+            let inputs = [random(&[2, 3, 6, 6], 5, 1.0)];
+            let stats = check_pass_with(&NhwcLayout, &mut after, &nhwc(), &inputs, 1e-5, false).expect("check");
+            assert_eq!(count(&after, "Transpose"), 2, "const_add={const_add}");
             assert_eq!(stats.rewrites, 1);
             assert!(stats.notes.iter().any(|n| n.contains("transposes inserted: 2")), "{:?}", stats.notes);
             for n in after.nodes.iter().filter(|n| LAYOUT_OPS.contains(&n.op.as_str())) {
@@ -379,10 +356,11 @@ mod tests {
         let x = b.input("x", &[1, 2, 5, 5]);
         let c = conv(&mut b, x, 2, 3, 3, "relu");
         let gap = b.node("GlobalAveragePool", &[c]);
-        let g = b.finish(&[gap, c]).expect("build");
-        let (after, _) = check_pass(&NhwcLayout, &g, &nhwc(), &[random(&[1, 2, 5, 5], 9, 1.0)], 1e-5, false);
+        let mut after = b.finish(&[gap, c]).expect("build");
+        check_pass_with(&NhwcLayout, &mut after, &nhwc(), &[random(&[1, 2, 5, 5], 9, 1.0)], 1e-5, false)
+            .expect("check");
         // In, and one back for each of the two graph outputs.
-        assert_eq!(count_op(&after, "Transpose"), 3);
+        assert_eq!(count(&after, "Transpose"), 3);
         let gap_out = after.shape(after.outputs[0]).expect("shape");
         assert_eq!(crate::graph::shape_string(gap_out), "[1, 3, 1, 1]");
     }
@@ -396,7 +374,7 @@ mod tests {
         let mut g = b.finish(&[p]).expect("build");
         let stats = crate::passes::run_pass(&NhwcLayout, &mut g, &nhwc()).expect("pass");
         assert_eq!(stats.rewrites, 0);
-        assert_eq!(count_op(&g, "Transpose"), 0);
+        assert_eq!(count(&g, "Transpose"), 0);
 
         let mut b = Tb::new();
         let x = b.input("x", &[1, 2, 4, 4]);
@@ -404,7 +382,7 @@ mod tests {
         let mut g = b.finish(&[c]).expect("build");
         let stats = crate::passes::run_pass(&NhwcLayout, &mut g, &PassContext::default()).expect("pass");
         assert_eq!(stats.rewrites, 0);
-        assert_eq!(count_op(&g, "Transpose"), 0);
+        assert_eq!(count(&g, "Transpose"), 0);
     }
 
     #[test]

@@ -13,10 +13,11 @@ mod fp16;
 mod gelu;
 mod layer_norm;
 mod layout;
-mod match_util;
 mod movement;
 mod rewrite;
 mod shape_fold;
+#[cfg(test)]
+mod testing;
 
 pub use attention::AttentionFusion;
 pub use bn_fold::BatchNormFold;

@@ -7,7 +7,7 @@
 
 use std::collections::HashSet;
 
-use super::rewrite::{Readers, remove_nodes, sole_reader};
+use super::rewrite::{Index, remove_nodes};
 use super::{Pass, PassContext, PassStats};
 use crate::graph::{Attr, Dim, Graph, GraphError, Node, ValueId};
 
@@ -21,8 +21,7 @@ impl Pass for MovementFolding {
 
     fn run(&self, graph: &mut Graph, cx: &PassContext) -> Result<PassStats, GraphError> {
         let _ = cx;
-        let readers: Readers = graph.consumers();
-        let producers = graph.producers();
+        let idx = Index::new(graph);
         let mut dead = HashSet::new();
         let mut added = Vec::new();
         let (mut triples, mut merged) = (0usize, 0usize);
@@ -30,7 +29,7 @@ impl Pass for MovementFolding {
             if dead.contains(&i) {
                 continue;
             }
-            if let Some((nodes, input, perm, output)) = reshape_transpose_reshape(graph, &readers, &dead, i) {
+            if let Some((nodes, input, perm, output)) = reshape_transpose_reshape(graph, &idx, &dead, i) {
                 dead.extend(nodes);
                 added.push(transpose(graph, &format!("{}_transpose", graph.nodes[i].name), input, &perm, output));
                 triples += 1;
@@ -42,11 +41,8 @@ impl Pass for MovementFolding {
                 continue;
             }
             let Some(x) = node.input(0) else { continue };
-            let Some(&j) = producers.get(&x) else { continue };
-            if dead.contains(&j)
-                || graph.nodes[j].op != "Transpose"
-                || sole_reader(graph, &readers, &dead, x) != Some(i)
-            {
+            let Some(j) = idx.producer(x) else { continue };
+            if dead.contains(&j) || graph.nodes[j].op != "Transpose" || idx.only_reader(x, &dead) != Some(i) {
                 continue;
             }
             let (Some(p), Some(q)) = (perm_of(graph, &graph.nodes[j]), perm_of(graph, node)) else { continue };
@@ -104,7 +100,7 @@ fn perm_of(graph: &Graph, node: &Node) -> Option<Vec<usize>> {
 /// indices, x, the equivalent permutation of x and the final output.
 fn reshape_transpose_reshape(
     graph: &Graph,
-    readers: &Readers,
+    idx: &Index,
     dead: &HashSet<usize>,
     i: usize,
 ) -> Option<([usize; 3], ValueId, Vec<usize>, ValueId)> {
@@ -121,7 +117,7 @@ fn reshape_transpose_reshape(
     if k < 2 || ys[1..] != xs[k..] || ys[0] != crate::graph::numel(&xs[..k]) {
         return None;
     }
-    let t = sole_reader(graph, readers, dead, y)?;
+    let t = idx.only_reader(y, dead)?;
     let tn = &graph.nodes[t];
     if tn.op != "Transpose" {
         return None;
@@ -131,7 +127,7 @@ fn reshape_transpose_reshape(
         return None;
     }
     let z = *tn.outputs.first()?;
-    let r2 = sole_reader(graph, readers, dead, z)?;
+    let r2 = idx.only_reader(z, dead)?;
     let r2n = &graph.nodes[r2];
     if r2n.op != "Reshape" {
         return None;
@@ -151,24 +147,15 @@ fn reshape_transpose_reshape(
 mod tests {
     use kiln_onnx::{GraphBuilder, attr_ints};
 
-    use super::super::rewrite::testing::*;
+    use super::super::testing::*;
     use super::*;
 
     #[test]
     fn torch_key_transpose_becomes_one_transpose() -> Result<(), String> {
         let mut b = GraphBuilder::new("k");
         let e = |e: kiln_onnx::OnnxError| e.to_string();
-        b.add_input(
-            "k",
-            kiln_onnx::DataType::Float,
-            &[
-                kiln_onnx::Dim::Symbolic("batch".into()),
-                kiln_onnx::Dim::Fixed(4),
-                kiln_onnx::Dim::Symbolic("seq".into()),
-                kiln_onnx::Dim::Fixed(8),
-            ],
-        )
-        .map_err(e)?;
+        let fixed = kiln_onnx::Dim::Fixed;
+        input_dims(&mut b, "k", &[sym("batch"), fixed(4), sym("seq"), fixed(8)]).map_err(e)?;
         // Targets computed from Shape(k), as the exporter does.
         let s = b.add_node("Shape", &["k"], vec![]).map_err(e)?;
         let c: Vec<String> = [("s2", 2), ("e3", 3), ("s0", 0), ("e2", 2), ("m1", -1), ("d8", 8)]

@@ -1,33 +1,114 @@
-//! Helpers shared by the structural passes: who reads a value, constant views,
-//! activation matching for fusions, node removal and report notes.
+//! Matching and rewriting helpers shared by the passes: an [`Index`] of who
+//! produces and reads each value, scalar and per-channel constant views,
+//! activation and epilogue absorption for the fused ops, and the two ways a
+//! pass rewrites the graph.
+//!
+//! - In place (BN folding, conv/dense fusion, movement): a pass edits nodes as
+//!   it walks, records the nodes it absorbed in a `dead` set and drops them at
+//!   the end with [`remove_nodes`]. Its matches ask [`Index::only_reader`], which
+//!   skips readers already absorbed.
+//! - Over a snapshot (LayerNorm, GELU, attention): every match is found first,
+//!   then a [`Rewriter`] applies them all at once. Matches never share a node
+//!   (the rewriter refuses overlaps), so the snapshot stays valid for all of them.
 
 use std::collections::{BTreeMap, HashMap, HashSet};
 
-use crate::graph::{Graph, Node, ValueId};
-use crate::ops::util::f32s;
-use crate::{DType, Tensor};
+use super::PassStats;
+use crate::graph::{Attr, Graph, GraphError, Node, ValueId};
+use crate::ops::util::{f32s, tensor_f32};
+use crate::{DType, Tensor, TensorData};
 
-/// Readers of every value, by node index.
-pub(super) type Readers = HashMap<ValueId, Vec<usize>>;
-
-/// The only node reading `v`, when `v` is not a graph output and that node has
-/// not been absorbed already: the condition for fusing across `v`.
-pub(super) fn sole_reader(graph: &Graph, readers: &Readers, dead: &HashSet<usize>, v: ValueId) -> Option<usize> {
-    if graph.is_output(v) {
-        return None;
-    }
-    match readers.get(&v).map(Vec::as_slice) {
-        Some(&[r]) if !dead.contains(&r) => Some(r),
-        _ => None,
-    }
+/// Producers and readers of every value of a graph snapshot.
+#[derive(Debug)]
+pub(super) struct Index {
+    producer: HashMap<ValueId, usize>,
+    readers: HashMap<ValueId, Vec<usize>>,
+    outputs: HashSet<ValueId>,
 }
 
-/// For a two-input node reading `v` once, the other operand.
-pub(super) fn other_operand(node: &Node, v: ValueId) -> Option<ValueId> {
-    match *node.inputs.as_slice() {
-        [Some(a), Some(b)] if a == v && b != v => Some(b),
-        [Some(a), Some(b)] if b == v && a != v => Some(a),
-        _ => None,
+impl Index {
+    pub fn new(g: &Graph) -> Self {
+        Self { producer: g.producers(), readers: g.consumers(), outputs: g.outputs.iter().copied().collect() }
+    }
+
+    pub fn producer(&self, v: ValueId) -> Option<usize> {
+        self.producer.get(&v).copied()
+    }
+
+    /// The node producing `v` when its op is `op`.
+    pub fn producer_op<'g>(&self, g: &'g Graph, v: ValueId, op: &str) -> Option<(usize, &'g Node)> {
+        let i = self.producer(v)?;
+        let n = &g.nodes[i];
+        (n.op == op).then_some((i, n))
+    }
+
+    /// Nodes reading `v`, once per input slot.
+    pub fn readers(&self, v: ValueId) -> &[usize] {
+        self.readers.get(&v).map_or(&[], Vec::as_slice)
+    }
+
+    /// Distinct nodes reading `v`, in graph order.
+    pub fn distinct_readers(&self, v: ValueId) -> Vec<usize> {
+        let mut r = self.readers(v).to_vec();
+        r.sort_unstable();
+        r.dedup();
+        r
+    }
+
+    pub fn is_output(&self, v: ValueId) -> bool {
+        self.outputs.contains(&v)
+    }
+
+    /// The one node reading `v` (through one or more of its inputs) when
+    /// nothing else does and `v` is not a graph output. Snapshot matchers use
+    /// this: a pattern may read a value twice by design, as in `x · x`.
+    pub fn sole_reader(&self, v: ValueId) -> Option<usize> {
+        if self.is_output(v) {
+            return None;
+        }
+        let r = self.distinct_readers(v);
+        (r.len() == 1).then(|| r[0])
+    }
+
+    /// The sole reader of `v` when its op is one of `ops`.
+    pub fn sole_reader_op<'g>(&self, g: &'g Graph, v: ValueId, ops: &[&str]) -> Option<(usize, &'g Node)> {
+        let i = self.sole_reader(v)?;
+        let n = &g.nodes[i];
+        ops.contains(&n.op.as_str()).then_some((i, n))
+    }
+
+    /// For in-place rewrites: the node reading `v` through exactly one input
+    /// slot, when `v` is not a graph output and that node has not been absorbed
+    /// (`dead`) yet. The condition for fusing across `v`: folding one use of `v`
+    /// into its producer must leave no other use behind.
+    pub fn only_reader(&self, v: ValueId, dead: &HashSet<usize>) -> Option<usize> {
+        if self.is_output(v) {
+            return None;
+        }
+        match self.readers(v) {
+            &[r] if !dead.contains(&r) => Some(r),
+            _ => None,
+        }
+    }
+
+    /// [`Graph::replace_uses`], keeping the index in step: the readers of
+    /// `from` (and its graph-output role) move to `to`.
+    pub fn replace_uses(&mut self, g: &mut Graph, from: ValueId, to: ValueId) {
+        g.replace_uses(from, to);
+        let moved = self.readers.remove(&from).unwrap_or_default();
+        self.readers.insert(to, moved);
+        if self.outputs.remove(&from) {
+            self.outputs.insert(to);
+        }
+    }
+
+    /// Whether every value produced by `group` other than those of `keep` is
+    /// read only inside the group and is no graph output, so the group can be
+    /// replaced by one node producing `keep`'s outputs.
+    pub fn is_closed(&self, g: &Graph, group: &[usize], keep: usize) -> bool {
+        group.iter().filter(|&&i| i != keep).all(|&i| {
+            g.nodes[i].outputs.iter().all(|&v| !self.is_output(v) && self.readers(v).iter().all(|r| group.contains(r)))
+        })
     }
 }
 
@@ -36,12 +117,62 @@ pub(super) fn const_f32(graph: &Graph, v: ValueId) -> Option<&Tensor> {
     graph.constant(v).filter(|t| t.dtype() == DType::F32)
 }
 
-/// A scalar FP32 constant's value.
-pub(super) fn const_scalar(graph: &Graph, v: ValueId) -> Option<f32> {
-    let t = const_f32(graph, v)?;
-    match f32s(t).ok()? {
-        &[x] => Some(x),
+/// Whether `v` is an FP32 tensor.
+pub(super) fn is_f32(g: &Graph, v: ValueId) -> bool {
+    g.value_type(v).is_some_and(|t| t.dtype == DType::F32)
+}
+
+/// The value of a one-element numeric constant (any rank).
+pub(super) fn scalar(g: &Graph, v: ValueId) -> Option<f64> {
+    let t = g.constant(v)?;
+    match t.data() {
+        TensorData::F32(x) if x.len() == 1 => Some(f64::from(x[0])),
+        TensorData::F64(x) if x.len() == 1 => Some(x[0]),
+        TensorData::I64(x) if x.len() == 1 => Some(x[0] as f64),
+        TensorData::I32(x) if x.len() == 1 => Some(f64::from(x[0])),
         _ => None,
+    }
+}
+
+/// Relative closeness, for constants exporters write with float rounding.
+pub(super) fn near(x: f64, target: f64) -> bool {
+    (x - target).abs() <= 1e-4 * target.abs().max(1e-12)
+}
+
+/// Whether `v` is a one-element constant close to `target`.
+pub(super) fn is_scalar(g: &Graph, v: ValueId, target: f64) -> bool {
+    scalar(g, v).is_some_and(|x| near(x, target))
+}
+
+/// For a two-input node with one scalar-constant operand: the other operand
+/// and the scalar. The constant may be on either side only for commutative
+/// ops (Add, Mul); Sub and Div take it on the right.
+pub(super) fn scalar_operand(g: &Graph, node: &Node) -> Option<(ValueId, f64)> {
+    if node.inputs.len() != 2 {
+        return None;
+    }
+    let (a, b) = (node.input(0)?, node.input(1)?);
+    if let Some(s) = scalar(g, b) {
+        return Some((a, s));
+    }
+    match node.op.as_str() {
+        "Add" | "Mul" => scalar(g, a).map(|s| (b, s)),
+        _ => None,
+    }
+}
+
+/// For a two-input node reading `v`: its other input (`v` itself for `op(v, v)`).
+pub(super) fn other_input(node: &Node, v: ValueId) -> Option<ValueId> {
+    if node.inputs.len() != 2 {
+        return None;
+    }
+    let (a, b) = (node.input(0)?, node.input(1)?);
+    if a == v {
+        Some(b)
+    } else if b == v {
+        Some(a)
+    } else {
+        None
     }
 }
 
@@ -68,6 +199,15 @@ pub(super) fn per_channel(t: &Tensor, rank: usize, axis: usize, channels: usize)
     }
 }
 
+/// The bias of `node` at input `slot` as values (zeros without one); `None`
+/// if it is not a constant of `channels` FP32 values.
+pub(super) fn bias_or_zeros(graph: &Graph, node: &Node, slot: usize, channels: usize) -> Option<Vec<f32>> {
+    match node.input(slot) {
+        None => Some(vec![0.0; channels]),
+        Some(b) => f32s(const_f32(graph, b)?).ok().filter(|v| v.len() == channels).map(<[f32]>::to_vec),
+    }
+}
+
 /// An activation a fused op can take over.
 #[derive(Debug, Clone, PartialEq)]
 pub(super) struct Activation {
@@ -88,14 +228,14 @@ pub(super) struct Activation {
 /// and x·Sigmoid(x) (silu).
 pub(super) fn match_activation(
     graph: &Graph,
-    readers: &Readers,
+    idx: &Index,
     dead: &HashSet<usize>,
     v: ValueId,
     allowed: &[&str],
 ) -> Option<Activation> {
-    let act = match sole_reader(graph, readers, dead, v) {
+    let act = match idx.only_reader(v, dead) {
         Some(r) => single_node_activation(graph, r)?,
-        None => match_silu(graph, readers, dead, v)?,
+        None => match_silu(graph, idx, dead, v)?,
     };
     allowed.contains(&act.name).then_some(act)
 }
@@ -118,14 +258,15 @@ fn single_node_activation(graph: &Graph, r: usize) -> Option<Activation> {
     Some(Activation { name, clip, nodes: vec![r], output, label })
 }
 
-/// Clip's bounds: constant inputs (opset ≥ 11) or attributes (older form).
-/// Missing bounds are infinite (plans store non-finite floats). An inverted or
-/// NaN range is not fused: ONNX maps everything to max there, which the fused
-/// activation does not express.
+/// Clip's bounds: FP32 scalar constant inputs (opset ≥ 11; ONNX gives them the
+/// input's type) or attributes (older form). Missing bounds are infinite (plans
+/// store non-finite floats). An inverted or NaN range is not fused: ONNX maps
+/// everything to max there, which the fused activation does not express.
 fn clip_bounds(graph: &Graph, node: &Node) -> Option<(f32, f32)> {
     let bound = |i: usize, attr: &str, default: f32| -> Option<f32> {
         match node.input(i) {
-            Some(v) => const_scalar(graph, v),
+            // An FP32 value round-trips through f64 exactly.
+            Some(v) => const_f32(graph, v).and(scalar(graph, v)).map(|x| x as f32),
             None => node.attrs.float(attr, default).ok(),
         }
     };
@@ -136,12 +277,11 @@ fn clip_bounds(graph: &Graph, node: &Node) -> Option<(f32, f32)> {
 
 /// `Mul(v, Sigmoid(v))` in either operand order, with nothing else reading `v`
 /// or the sigmoid.
-fn match_silu(graph: &Graph, readers: &Readers, dead: &HashSet<usize>, v: ValueId) -> Option<Activation> {
-    if graph.is_output(v) {
+fn match_silu(graph: &Graph, idx: &Index, dead: &HashSet<usize>, v: ValueId) -> Option<Activation> {
+    if idx.is_output(v) {
         return None;
     }
-    let rs = readers.get(&v)?;
-    let &[a, b] = rs.as_slice() else { return None };
+    let &[a, b] = idx.readers(v) else { return None };
     if a == b || dead.contains(&a) || dead.contains(&b) {
         return None;
     }
@@ -152,10 +292,132 @@ fn match_silu(graph: &Graph, readers: &Readers, dead: &HashSet<usize>, v: ValueI
     }
     let &[sig_out] = sig.outputs.as_slice() else { return None };
     let &[output] = mul.outputs.as_slice() else { return None };
-    if other_operand(mul, v) != Some(sig_out) || sole_reader(graph, readers, dead, sig_out) != Some(m) {
+    if other_input(mul, v) != Some(sig_out) || idx.only_reader(sig_out, dead) != Some(m) {
         return None;
     }
     Some(Activation { name: "silu", clip: None, nodes: vec![s, m], output, label: "SiLU" })
+}
+
+/// What a fused op with inputs `(X, W, bias?, Z?)` and an `activation`
+/// attribute (FusedConv, Dense) may take over from the chain after it.
+pub(super) struct Epilogue<'a> {
+    /// The activations the op implements ([`Activation::name`]).
+    pub activations: &'a [&'a str],
+    /// Output channels: the length of the bias.
+    pub channels: usize,
+    /// Rank of the output and its channel axis: an added constant that varies
+    /// only along that axis is a bias. `None` when no constant is (NHWC conv,
+    /// whose channel axis has moved).
+    pub bias_axis: Option<(usize, usize)>,
+    /// Whether `z` may become the residual input of an op whose current output
+    /// is `out`; asked for every added operand that is not a bias.
+    pub residual: &'a dyn Fn(&Graph, ValueId, ValueId) -> bool,
+}
+
+/// Absorbs the chain after fused op `i` while each link has exactly one reader:
+/// constant Adds into the bias, one Add into the residual input `Z`, and a final
+/// activation; absorbed nodes go to `dead`. Returns the labels of what it took
+/// (`Bias`, `Add`, the activation's label). The caller checks that `i` has an
+/// output and no activation yet.
+pub(super) fn absorb_epilogue(
+    graph: &mut Graph,
+    idx: &Index,
+    dead: &mut HashSet<usize>,
+    i: usize,
+    e: &Epilogue<'_>,
+) -> Result<Vec<&'static str>, GraphError> {
+    let node = &graph.nodes[i];
+    let start = node.outputs[0];
+    let mut bias: Option<Vec<f32>> = None;
+    let mut z = node.input(3);
+    let mut out = start;
+    let mut parts = Vec::new();
+    loop {
+        if let Some(act) = match_activation(graph, idx, dead, out, e.activations) {
+            let node = &mut graph.nodes[i];
+            node.attrs.insert("activation", Attr::String(act.name.into()));
+            if let Some((lo, hi)) = act.clip {
+                node.attrs.insert("clip_min", Attr::Float(lo));
+                node.attrs.insert("clip_max", Attr::Float(hi));
+            }
+            dead.extend(&act.nodes);
+            out = act.output;
+            parts.push(act.label);
+            break;
+        }
+        let Some(r) = idx.only_reader(out, dead) else { break };
+        let add = &graph.nodes[r];
+        let Some(other) = other_input(add, out).filter(|_| add.op == "Add" && add.outputs.len() == 1) else { break };
+        let extra = match (graph.constant(other), e.bias_axis) {
+            (Some(c), Some((rank, axis))) => per_channel(c, rank, axis, e.channels),
+            _ => None,
+        };
+        if let Some(extra) = extra {
+            let current = bias.take().or_else(|| bias_or_zeros(graph, &graph.nodes[i], 2, e.channels));
+            let Some(b) = current else { break };
+            bias = Some(b.iter().zip(&extra).map(|(x, y)| x + y).collect());
+            parts.push("Bias");
+        } else if z.is_none() && (e.residual)(graph, out, other) {
+            z = Some(other);
+            parts.push("Add");
+        } else {
+            break;
+        }
+        dead.insert(r);
+        out = graph.nodes[r].outputs[0];
+    }
+    if out == start {
+        return Ok(parts);
+    }
+    let bias_id = match bias {
+        Some(b) => {
+            let node = &graph.nodes[i];
+            let t = tensor_f32(vec![e.channels], b)
+                .map_err(|err| GraphError::Invalid(format!("{} ({}): {err}", node.name, node.op)))?;
+            let hint = format!("{}_bias", node.name);
+            Some(new_constant(graph, &hint, t))
+        }
+        None => graph.nodes[i].input(2),
+    };
+    let node = &mut graph.nodes[i];
+    node.inputs.resize(4, None);
+    node.inputs[2] = bias_id;
+    node.inputs[3] = z;
+    while node.inputs.len() > 2 && node.inputs.last() == Some(&None) {
+        node.inputs.pop();
+    }
+    node.outputs[0] = out;
+    Ok(parts)
+}
+
+/// The in-place loop of the fusions into ops with an epilogue (conv, dense):
+/// `head` turns node `i` into the fused op where it can and names it, as
+/// `(label, converted)` (`None`: not a candidate), then `absorb` takes over
+/// the chain after it. Notes read like `Conv+Bias+Add+Relu ×16`.
+pub(super) fn fuse_in_place(
+    graph: &mut Graph,
+    mut head: impl FnMut(&mut Graph, usize) -> Option<(&'static str, bool)>,
+    absorb: impl Fn(&mut Graph, &Index, &mut HashSet<usize>, usize) -> Result<Vec<&'static str>, GraphError>,
+) -> Result<PassStats, GraphError> {
+    let idx = Index::new(graph);
+    let mut dead = HashSet::new();
+    let mut tally = Tally::default();
+    let mut rewrites = 0;
+    for i in 0..graph.nodes.len() {
+        if dead.contains(&i) {
+            continue;
+        }
+        let Some((label, converted)) = head(graph, i) else { continue };
+        rewrites += usize::from(converted);
+        let before = dead.len();
+        let parts = absorb(graph, &idx, &mut dead, i)?;
+        rewrites += dead.len() - before;
+        if converted || !parts.is_empty() {
+            tally.add(std::iter::once(label).chain(parts).collect::<Vec<_>>().join("+"));
+        }
+    }
+    remove_nodes(graph, &dead);
+    Ok(PassStats { rewrites, notes: tally.notes() })
 }
 
 /// Drops the nodes at the given indices.
@@ -171,6 +433,43 @@ pub(super) fn remove_nodes(graph: &mut Graph, dead: &HashSet<usize>) {
 pub(super) fn new_constant(graph: &mut Graph, hint: &str, tensor: Tensor) -> ValueId {
     let name = graph.fresh_name(hint);
     graph.add_constant(name, tensor)
+}
+
+/// Connected groups of the nodes `member` accepts, two members joined when
+/// one produces a value among the other's `links`. Each group lists its nodes
+/// in graph order; the groups are sorted, so callers see a stable order.
+pub(super) fn components(
+    g: &Graph,
+    member: impl Fn(usize) -> bool,
+    links: impl Fn(usize) -> Vec<ValueId>,
+) -> Vec<Vec<usize>> {
+    fn find(parent: &mut [usize], mut i: usize) -> usize {
+        while parent[i] != i {
+            parent[i] = parent[parent[i]];
+            i = parent[i];
+        }
+        i
+    }
+    let mut parent: Vec<usize> = (0..g.nodes.len()).collect();
+    let producers = g.producers();
+    for i in (0..g.nodes.len()).filter(|&i| member(i)) {
+        for v in links(i) {
+            if let Some(&p) = producers.get(&v)
+                && member(p)
+            {
+                let (a, b) = (find(&mut parent, i), find(&mut parent, p));
+                parent[a] = b;
+            }
+        }
+    }
+    let mut groups: BTreeMap<usize, Vec<usize>> = BTreeMap::new();
+    for i in (0..g.nodes.len()).filter(|&i| member(i)) {
+        let r = find(&mut parent, i);
+        groups.entry(r).or_default().push(i);
+    }
+    let mut out: Vec<Vec<usize>> = groups.into_values().collect();
+    out.sort();
+    out
 }
 
 /// Counts of fusion patterns, rendered as report notes like `Conv+Add+Relu ×16`.
@@ -189,183 +488,94 @@ impl Tally {
     }
 }
 
-#[cfg(test)]
-pub(super) mod testing {
-    //! Test support: a deterministic generator, ONNX graph import and the
-    //! before/after equivalence check every pass test makes.
+/// A node outside a fused group to delete: its only reader, at input `slot`,
+/// reads `source` (the deleted node's own input) instead.
+#[derive(Debug, Clone, Copy)]
+pub(super) struct Bypass {
+    pub node: usize,
+    pub reader: usize,
+    pub slot: usize,
+    pub source: ValueId,
+}
 
-    use kiln_onnx::{DataType, Dim, GraphBuilder, OnnxError, attr_float, attr_int, attr_ints};
+/// Collects fusions over one snapshot and applies them together.
+#[derive(Debug)]
+pub(super) struct Rewriter {
+    claimed: HashSet<usize>,
+    replace: HashMap<usize, Node>,
+    remove: HashSet<usize>,
+    /// (node, input slot, new value) edits made outside fused groups.
+    rewire: Vec<(usize, usize, ValueId)>,
+}
 
-    use super::super::{Pass, PassContext, PassStats, run_pass};
-    use crate::graph::{Graph, shape_string};
-    use crate::reference::{RunOptions, run};
-    use crate::{DType, Tensor, TensorData};
+impl Rewriter {
+    pub fn new() -> Self {
+        Self { claimed: HashSet::new(), replace: HashMap::new(), remove: HashSet::new(), rewire: Vec::new() }
+    }
 
-    /// A tiny LCG: reproducible test data without extra crates.
-    #[derive(Debug)]
-    pub struct Lcg(u64);
+    /// Replaces the matched `group` by `fused`, which takes the place of node
+    /// `keep` (the last of the group, whose outputs `fused` must produce, so
+    /// readers and graph outputs keep their values). Refused, with nothing
+    /// changed, when a node is already part of another fusion or an
+    /// intermediate value escapes the group.
+    pub fn fuse(&mut self, g: &Graph, idx: &Index, group: &[usize], keep: usize, fused: Node) -> bool {
+        self.fuse_with(g, idx, group, keep, fused, &[])
+    }
 
-    impl Lcg {
-        pub fn new(seed: u64) -> Self {
-            Self(seed.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407))
+    /// [`Self::fuse`], also deleting nodes outside the group whose single
+    /// reader is switched to read past them. Used to fold a scale that sits
+    /// outside the group.
+    pub fn fuse_with(
+        &mut self,
+        g: &Graph,
+        idx: &Index,
+        group: &[usize],
+        keep: usize,
+        fused: Node,
+        bypass: &[Bypass],
+    ) -> bool {
+        let mut all: Vec<usize> = group.to_vec();
+        all.push(keep);
+        all.sort_unstable();
+        all.dedup();
+        let touched = || all.iter().copied().chain(bypass.iter().flat_map(|b| [b.node, b.reader]));
+        let mut seen = HashSet::new();
+        if touched().any(|i| self.claimed.contains(&i) || (!all.contains(&i) && !seen.insert(i)))
+            || !idx.is_closed(g, &all, keep)
+        {
+            return false;
         }
-
-        pub fn next_u32(&mut self) -> u32 {
-            self.0 = self.0.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
-            (self.0 >> 33) as u32
+        self.claimed.extend(touched());
+        for b in bypass {
+            self.remove.insert(b.node);
+            self.rewire.push((b.reader, b.slot, b.source));
         }
-
-        /// Uniform in [-1, 1).
-        pub fn f32(&mut self) -> f32 {
-            (self.next_u32() as f32 / (1u64 << 31) as f32) - 1.0
-        }
-
-        /// Uniform in 0..n.
-        pub fn below(&mut self, n: usize) -> usize {
-            self.next_u32() as usize % n.max(1)
-        }
-
-        pub fn vec(&mut self, n: usize) -> Vec<f32> {
-            (0..n).map(|_| self.f32()).collect()
-        }
-
-        /// Positive values in [lo, lo + 1).
-        pub fn positive(&mut self, n: usize, lo: f32) -> Vec<f32> {
-            (0..n).map(|_| lo + (self.f32() + 1.0) / 2.0).collect()
-        }
+        self.remove.extend(all.iter().copied().filter(|&i| i != keep));
+        self.replace.insert(keep, fused);
+        true
     }
 
-    pub type TestResult = Result<(), Box<dyn std::error::Error>>;
-
-    /// ONNX dims: `-1` is the symbolic batch `N`.
-    pub fn dims(spec: &[i64]) -> Vec<Dim> {
-        spec.iter().map(|&d| if d < 0 { Dim::Symbolic("N".into()) } else { Dim::Fixed(d) }).collect()
+    /// Whether node `i` is already part of a fusion.
+    pub fn is_claimed(&self, i: usize) -> bool {
+        self.claimed.contains(&i)
     }
 
-    pub fn input(b: &mut GraphBuilder, name: &str, spec: &[i64]) -> Result<String, OnnxError> {
-        b.add_input(name, DataType::Float, &dims(spec))?;
-        Ok(name.to_string())
-    }
-
-    /// A random FP32 initializer named after `hint`.
-    pub fn weight(b: &mut GraphBuilder, rng: &mut Lcg, hint: &str, shape: &[i64]) -> Result<String, OnnxError> {
-        let n = shape.iter().product::<i64>() as usize;
-        let name = b.unique_name(hint);
-        b.add_initializer_f32(&name, shape, &rng.vec(n))
-    }
-
-    pub fn values(b: &mut GraphBuilder, hint: &str, shape: &[i64], data: &[f32]) -> Result<String, OnnxError> {
-        let name = b.unique_name(hint);
-        b.add_initializer_f32(&name, shape, data)
-    }
-
-    pub fn ints(b: &mut GraphBuilder, hint: &str, data: &[i64]) -> Result<String, OnnxError> {
-        let name = b.unique_name(hint);
-        b.add_initializer_i64(&name, &[data.len() as i64], data)
-    }
-
-    pub fn output(b: &mut GraphBuilder, name: &str) -> Result<(), OnnxError> {
-        b.add_output(name, DataType::Float, &[])
-    }
-
-    /// A square-kernel Conv with random weights (and bias when asked).
-    #[allow(clippy::too_many_arguments)]
-    pub fn conv(
-        b: &mut GraphBuilder,
-        rng: &mut Lcg,
-        x: &str,
-        cin: i64,
-        cout: i64,
-        k: i64,
-        stride: i64,
-        pad: i64,
-        group: i64,
-        bias: bool,
-    ) -> Result<String, OnnxError> {
-        let w = weight(b, rng, "w", &[cout, cin / group, k, k])?;
-        let mut inputs = vec![x.to_string(), w];
-        if bias {
-            inputs.push(weight(b, rng, "b", &[cout])?);
-        }
-        let refs: Vec<&str> = inputs.iter().map(String::as_str).collect();
-        b.add_node(
-            "Conv",
-            &refs,
-            vec![
-                attr_ints("kernel_shape", &[k, k]),
-                attr_ints("strides", &[stride, stride]),
-                attr_ints("pads", &[pad, pad, pad, pad]),
-                attr_int("group", group),
-            ],
-        )
-    }
-
-    /// BatchNormalization with random statistics.
-    pub fn batch_norm(b: &mut GraphBuilder, rng: &mut Lcg, x: &str, c: i64) -> Result<String, OnnxError> {
-        let n = c as usize;
-        let scale = values(b, "bn_scale", &[c], &rng.positive(n, 0.5))?;
-        let bias = weight(b, rng, "bn_bias", &[c])?;
-        let mean = weight(b, rng, "bn_mean", &[c])?;
-        let var = values(b, "bn_var", &[c], &rng.positive(n, 0.2))?;
-        b.add_node("BatchNormalization", &[x, &scale, &bias, &mean, &var], vec![attr_float("epsilon", 1e-3)])
-    }
-
-    pub fn import(b: GraphBuilder) -> Result<Graph, String> {
-        crate::import::import_model(&b.finish(17), None).map_err(|e| e.to_string())
-    }
-
-    pub fn count(graph: &Graph, op: &str) -> usize {
-        graph.nodes.iter().filter(|n| n.op == op).count()
-    }
-
-    /// Random FP32 inputs for every graph input (symbols bound to `sym_size`).
-    pub fn random_inputs(graph: &Graph, sym_size: usize, rng: &mut Lcg) -> Result<Vec<Tensor>, String> {
-        graph
-            .inputs
-            .iter()
-            .map(|&id| {
-                let ty = graph.value_type(id).ok_or("input without type")?;
-                let shape = ty.shape.as_ref().ok_or("input without shape")?;
-                let dims: Vec<usize> = shape.iter().map(|d| d.as_fixed().map_or(sym_size, |n| n as usize)).collect();
-                let n: usize = dims.iter().product();
-                let data = match ty.dtype {
-                    DType::F32 => TensorData::F32(rng.vec(n)),
-                    DType::I64 => TensorData::I64((0..n).map(|_| rng.below(4) as i64).collect()),
-                    d => return Err(format!("no random data for {d} ({})", shape_string(shape))),
-                };
-                Tensor::new(dims, data).map_err(|e| e.to_string())
-            })
-            .collect()
-    }
-
-    /// Max |a - b| relative to the larger of 1 and the reference's max |b|.
-    pub fn rel_error(a: &Tensor, b: &Tensor) -> Result<f32, String> {
-        if a.shape() != b.shape() {
-            return Err(format!("shape {:?} vs {:?}", a.shape(), b.shape()));
-        }
-        let (x, y) = match (a.data(), b.data()) {
-            (TensorData::F32(x), TensorData::F32(y)) => (x, y),
-            (p, q) => return if p == q { Ok(0.0) } else { Err("non-float outputs differ".into()) },
-        };
-        let scale = y.iter().fold(1.0f32, |m, v| m.max(v.abs()));
-        Ok(x.iter().zip(y).fold(0.0f32, |m, (p, q)| m.max((p - q).abs())) / scale)
-    }
-
-    /// Runs `pass` on `graph` (in place) and checks the reference outputs on
-    /// `inputs` are unchanged within a relative `tol`.
-    pub fn check_pass(pass: &dyn Pass, graph: &mut Graph, inputs: &[Tensor], tol: f32) -> Result<PassStats, String> {
-        let before = run(graph, inputs, RunOptions::default()).map_err(|e| format!("before: {e}"))?;
-        let stats = run_pass(pass, graph, &PassContext::default()).map_err(|e| e.to_string())?;
-        let after = run(graph, inputs, RunOptions::default()).map_err(|e| format!("after: {e}"))?;
-        if before.len() != after.len() {
-            return Err(format!("{} outputs before, {} after", before.len(), after.len()));
-        }
-        for (i, (a, b)) in after.iter().zip(&before).enumerate() {
-            let err = rel_error(a, b).map_err(|e| format!("output {i}: {e}"))?;
-            if err > tol {
-                return Err(format!("output {i} differs after {}: relative error {err}", pass.name()));
+    /// Applies every fusion; the graph stays in topological order because a
+    /// fused node sits where the last node of its group was.
+    pub fn apply(mut self, g: &mut Graph) -> usize {
+        let n = self.replace.len();
+        for &(i, slot, v) in &self.rewire {
+            if let Some(input) = g.nodes.get_mut(i).and_then(|n| n.inputs.get_mut(slot)) {
+                *input = Some(v);
             }
         }
-        Ok(stats)
+        let nodes = std::mem::take(&mut g.nodes);
+        g.nodes = nodes
+            .into_iter()
+            .enumerate()
+            .filter(|(i, _)| !self.remove.contains(i))
+            .map(|(i, node)| self.replace.remove(&i).unwrap_or(node))
+            .collect();
+        n
     }
 }

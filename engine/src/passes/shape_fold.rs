@@ -159,7 +159,7 @@ fn expand_target(graph: &Graph, node: &Node) -> Option<Vec<i64>> {
 mod tests {
     use kiln_onnx::{GraphBuilder, attr_int};
 
-    use super::super::rewrite::testing::*;
+    use super::super::testing::*;
     use super::super::{DeadNodeElimination, PassContext, run_pass};
     use super::*;
 
@@ -184,15 +184,7 @@ mod tests {
     fn bert_style_reshape_gets_a_constant_target() -> TestResult {
         let mut rng = Lcg::new(1);
         let mut b = GraphBuilder::new("t");
-        b.add_input(
-            "x",
-            kiln_onnx::DataType::Float,
-            &[
-                kiln_onnx::Dim::Symbolic("batch".into()),
-                kiln_onnx::Dim::Symbolic("seq".into()),
-                kiln_onnx::Dim::Fixed(8),
-            ],
-        )?;
+        input_dims(&mut b, "x", &[sym("batch"), sym("seq"), kiln_onnx::Dim::Fixed(8)])?;
         let n = dim_of(&mut b, "x", 0)?;
         let s = dim_of(&mut b, "x", 1)?;
         let heads = ints(&mut b, "heads", &[2, 4])?;
@@ -260,15 +252,7 @@ mod tests {
     fn two_unknown_entries_are_left_alone() -> TestResult {
         let mut rng = Lcg::new(4);
         let mut b = GraphBuilder::new("t");
-        b.add_input(
-            "x",
-            kiln_onnx::DataType::Float,
-            &[
-                kiln_onnx::Dim::Symbolic("batch".into()),
-                kiln_onnx::Dim::Symbolic("seq".into()),
-                kiln_onnx::Dim::Fixed(2),
-            ],
-        )?;
+        input_dims(&mut b, "x", &[sym("batch"), sym("seq"), kiln_onnx::Dim::Fixed(2)])?;
         let n = dim_of(&mut b, "x", 0)?;
         let s = dim_of(&mut b, "x", 1)?;
         // [seq, batch, 2]: neither symbolic entry matches its position.
@@ -288,9 +272,8 @@ mod tests {
     fn other_inputs_dynamic_dims_are_not_copied() -> TestResult {
         // Expand(a [N, 3], Shape(b [M, 3])): M is not N, so the target stays dynamic.
         let mut b = GraphBuilder::new("t");
-        let dims = |p: &str| [kiln_onnx::Dim::Symbolic(p.into()), kiln_onnx::Dim::Fixed(3)];
-        b.add_input("a", kiln_onnx::DataType::Float, &dims("N"))?;
-        b.add_input("b", kiln_onnx::DataType::Float, &dims("M"))?;
+        input_dims(&mut b, "a", &[sym("N"), kiln_onnx::Dim::Fixed(3)])?;
+        input_dims(&mut b, "b", &[sym("M"), kiln_onnx::Dim::Fixed(3)])?;
         let shape = b.add_node("Shape", &["b"], vec![])?;
         let y = b.add_node("Expand", &["a", &shape], vec![])?;
         output(&mut b, &y)?;
