@@ -6,6 +6,9 @@ PORT ?= 8000
 export KILN_ORT_LIBRARY ?= $(CURDIR)/.kiln/lib/libonnxruntime.so
 # libtorch for the trainer (installed by `scripts/setup --trainer`); serving never links it.
 export LIBTORCH ?= $(CURDIR)/.kiln/libtorch
+# NVRTC and ptxas for the kernel compile check (installed by scripts/setup-cuda); the test puts
+# $(KILN_CUDA_HOME)/lib on LD_LIBRARY_PATH for itself.
+export KILN_CUDA_HOME ?= $(CURDIR)/.kiln/cuda
 # Open MPI refuses root unless told; CI runs as root.
 export OMPI_ALLOW_RUN_AS_ROOT ?= 1
 export OMPI_ALLOW_RUN_AS_ROOT_CONFIRM ?= 1

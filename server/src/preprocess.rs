@@ -1,11 +1,12 @@
 //! Image decoding and the fused resize → centre-crop → normalise → layout step.
 //!
-//! Only the cropped output pixels are computed: each one is sampled bilinearly (half-pixel
-//! centres, edge-clamped) from the source at the position it would have in the resized
-//! image, so no intermediate resized image is ever materialised. The GPU kernel will use
-//! this same math, which is why it is written out here rather than taken from `image`.
+//! The math is kiln-kernels' CPU reference ([`kiln_kernels::preprocess::cpu`]), the same
+//! that its CUDA kernel implements, so the CPU and GPU backends see the same numbers: only
+//! the cropped output pixels are computed, each sampled bilinearly (half-pixel centres,
+//! edge-clamped) from the source at the position it would have in the resized image.
 
 use image::RgbImage;
+use kiln_kernels::preprocess::{self as kp, ImageView, PixelFormat, Spec};
 
 use crate::config::{ColorOrder, InputConfig, Layout};
 
@@ -14,121 +15,67 @@ pub use kiln_image::{ImageError, decode};
 /// A compiled preprocessing recipe for one model input.
 #[derive(Debug, Clone)]
 pub struct Preprocess {
-    resize_shorter: Option<u32>,
-    out_h: usize,
-    out_w: usize,
-    color: ColorOrder,
-    layout: Layout,
-    scale: [f32; 3],
-    offset: [f32; 3],
-}
-
-/// One axis of the sampling grid: for each output index, the two source indices and the
-/// weight of the second.
-struct Axis {
-    lo: Vec<usize>,
-    hi: Vec<usize>,
-    frac: Vec<f32>,
-}
-
-impl Axis {
-    /// `src`: source length; `resized`: length after resize; `start`: crop offset in the
-    /// resized image; `out`: output length.
-    fn new(src: usize, resized: usize, start: isize, out: usize) -> Self {
-        let ratio = src as f32 / resized as f32;
-        let last = src.saturating_sub(1);
-        let (mut lo, mut hi, mut frac) = (Vec::with_capacity(out), Vec::with_capacity(out), Vec::with_capacity(out));
-        for o in 0..out {
-            let pos = ((o as isize + start) as f32 + 0.5) * ratio - 0.5;
-            let pos = pos.clamp(0.0, last as f32);
-            let l = pos.floor() as usize;
-            lo.push(l);
-            hi.push((l + 1).min(last));
-            frac.push(pos - l as f32);
-        }
-        Self { lo, hi, frac }
-    }
+    spec: Spec,
 }
 
 impl Preprocess {
     pub fn new(config: &InputConfig) -> Result<Self, String> {
         let (scale, offset) = config.scale_offset()?;
-        Ok(Self {
-            resize_shorter: config.resize_shorter,
-            out_h: config.crop[0] as usize,
-            out_w: config.crop[1] as usize,
-            color: config.color,
-            layout: config.layout,
+        let spec = Spec {
+            resize: config.resize_shorter.map_or(kp::Resize::None, kp::Resize::ShorterSide),
+            channels: match config.color {
+                ColorOrder::Rgb => kp::Channels::Rgb,
+                ColorOrder::Bgr => kp::Channels::Bgr,
+                ColorOrder::Gray => kp::Channels::Gray,
+            },
+            layout: match config.layout {
+                Layout::Nchw => kp::Layout::Nchw,
+                Layout::Nhwc => kp::Layout::Nhwc,
+            },
             scale,
             offset,
-        })
+            ..Spec::new(config.crop[0], config.crop[1])
+        };
+        spec.validate().map_err(|e| format!("input preprocessing: {e}"))?;
+        Ok(Self { spec })
+    }
+
+    /// The kernel-level recipe (what a GPU backend hands to `kiln_kernels`' preprocessor).
+    pub fn spec(&self) -> &Spec {
+        &self.spec
     }
 
     /// The per-image tensor shape (without the batch axis).
     pub fn item_shape(&self) -> [usize; 3] {
-        let c = self.color.channels();
-        match self.layout {
-            Layout::Nchw => [c, self.out_h, self.out_w],
-            Layout::Nhwc => [self.out_h, self.out_w, c],
-        }
+        self.spec.item_shape()
     }
 
     pub fn item_len(&self) -> usize {
-        self.color.channels() * self.out_h * self.out_w
+        self.spec.item_len()
     }
 
     /// Size of the image after the aspect-keeping resize (height, width).
+    #[cfg(test)]
     fn resized_size(&self, h: usize, w: usize) -> (usize, usize) {
-        match self.resize_shorter {
-            None => (h, w),
-            Some(s) => {
-                let s = s as f64;
-                let ratio = s / h.min(w) as f64;
-                let rh = if h <= w { s } else { (h as f64 * ratio).round() };
-                let rw = if w < h { s } else { (w as f64 * ratio).round() };
-                ((rh as usize).max(1), (rw as usize).max(1))
-            }
+        match kp::Geometry::new(w as u32, h as u32, &self.spec) {
+            Ok(g) => (g.y.resized as usize, g.x.resized as usize),
+            Err(_) => (0, 0),
         }
     }
 
     /// Writes the preprocessed image into `out` (`item_len()` floats).
+    pub fn try_run(&self, image: &RgbImage, out: &mut [f32]) -> Result<(), kiln_kernels::KernelError> {
+        let view = ImageView::packed(image.as_raw(), image.width(), image.height(), PixelFormat::Rgb);
+        kp::cpu::preprocess_into(&view, &self.spec, out, 0)
+    }
+
+    /// As [`Self::try_run`]. The spec was validated in [`Self::new`] and decoded images are
+    /// at most 16384 px a side, so nothing can fail here; were it to, the slot is zeroed
+    /// and the error logged rather than the request thread panicking.
     pub fn run(&self, image: &RgbImage, out: &mut [f32]) {
-        let (w, h) = (image.width() as usize, image.height() as usize);
-        debug_assert_eq!(out.len(), self.item_len());
-        let (rh, rw) = self.resized_size(h, w);
-        // Floor division, as the reference implementations do, so odd margins match.
-        let top = (rh as isize - self.out_h as isize).div_euclid(2);
-        let left = (rw as isize - self.out_w as isize).div_euclid(2);
-        let ys = Axis::new(h, rh, top, self.out_h);
-        let xs = Axis::new(w, rw, left, self.out_w);
-        let src = image.as_raw();
-        let plane = self.out_h * self.out_w;
-        let channels = self.color.channels();
-        for oy in 0..self.out_h {
-            let (row0, row1, fy) = (ys.lo[oy] * w * 3, ys.hi[oy] * w * 3, ys.frac[oy]);
-            for ox in 0..self.out_w {
-                let (x0, x1, fx) = (xs.lo[ox] * 3, xs.hi[ox] * 3, xs.frac[ox]);
-                // Bilinear interpolation is linear, so the luma of the interpolated pixel
-                // equals the interpolated luma.
-                let sample = |sc: usize| {
-                    let p = |i: usize| f32::from(src[i + sc]);
-                    let top_v = p(row0 + x0) + (p(row0 + x1) - p(row0 + x0)) * fx;
-                    let bot_v = p(row1 + x0) + (p(row1 + x1) - p(row1 + x0)) * fx;
-                    top_v + (bot_v - top_v) * fy
-                };
-                for c in 0..channels {
-                    let v = match self.color {
-                        ColorOrder::Rgb => sample(c),
-                        ColorOrder::Bgr => sample(2 - c),
-                        ColorOrder::Gray => 0.299 * sample(0) + 0.587 * sample(1) + 0.114 * sample(2),
-                    };
-                    let idx = match self.layout {
-                        Layout::Nchw => c * plane + oy * self.out_w + ox,
-                        Layout::Nhwc => (oy * self.out_w + ox) * channels + c,
-                    };
-                    out[idx] = v * self.scale[c] + self.offset[c];
-                }
-            }
+        if let Err(e) = self.try_run(image, out) {
+            tracing::error!(error = %e, width = image.width(), height = image.height(), "preprocessing failed");
+            out.fill(0.0);
         }
     }
 }

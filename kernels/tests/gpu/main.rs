@@ -1,0 +1,21 @@
+//! Every GPU test of kiln-kernels, in one target so that it can be carried to a
+//! GPU machine as one binary. Without a GPU each test prints why it skipped;
+//! with `KILN_REQUIRE_GPU=1` a missing GPU fails instead.
+
+mod pipeline;
+mod preprocess;
+mod toolchain;
+
+use kiln_kernels::toolchain::Gpu;
+
+/// The GPU to test on, or `None` (skip) with the reason printed.
+pub fn gpu() -> Option<Gpu> {
+    match Gpu::open(0) {
+        Ok(g) => Some(g),
+        Err(e) => {
+            assert!(std::env::var("KILN_REQUIRE_GPU").as_deref() != Ok("1"), "KILN_REQUIRE_GPU=1 but no GPU: {e}");
+            println!("skipped: {e}");
+            None
+        }
+    }
+}
