@@ -3,7 +3,7 @@
 
 use std::io::Cursor;
 
-use image::{ImageFormat, ImageReader, Limits, RgbImage};
+use image::{ImageDecoder, ImageFormat, ImageReader, Limits, RgbImage};
 
 /// Refuse decompression bombs: anything larger is not a photo a classifier wants.
 const MAX_IMAGE_SIDE: u32 = 16_384;
@@ -19,6 +19,40 @@ pub enum ImageError {
 
 /// Decodes a JPEG or PNG into RGB, refusing oversized and truncated files.
 pub fn decode(bytes: &[u8]) -> Result<RgbImage, ImageError> {
+    let image = reader(bytes)?.decode().map_err(|e| ImageError::Decode(e.to_string()))?;
+    Ok(image.into_rgb8())
+}
+
+/// Width and height from the header, with the same checks as [`decode`].
+pub fn dimensions(bytes: &[u8]) -> Result<(u32, u32), ImageError> {
+    let (w, h) = reader(bytes)?.into_dimensions().map_err(|e| ImageError::Decode(e.to_string()))?;
+    if w > MAX_IMAGE_SIDE || h > MAX_IMAGE_SIDE {
+        return Err(ImageError::Decode(format!("{w}×{h} is larger than {MAX_IMAGE_SIDE} pixels a side")));
+    }
+    Ok((w, h))
+}
+
+/// Decodes into `out` as packed RGB (`width·height·3` bytes, e.g. a slice of a pinned
+/// staging buffer). An RGB8 source (most JPEGs) is decoded straight into `out`; other
+/// colour types are converted, with one copy.
+pub fn decode_rgb_into(bytes: &[u8], out: &mut [u8]) -> Result<(u32, u32), ImageError> {
+    let decoder = reader(bytes)?.into_decoder().map_err(|e| ImageError::Decode(e.to_string()))?;
+    let (w, h) = decoder.dimensions();
+    let need = (w as usize) * (h as usize) * 3;
+    if out.len() != need {
+        return Err(ImageError::Decode(format!("{w}×{h} RGB needs {need} bytes, the buffer has {}", out.len())));
+    }
+    if decoder.color_type() == image::ColorType::Rgb8 {
+        decoder.read_image(out).map_err(|e| ImageError::Decode(e.to_string()))?;
+    } else {
+        let image = image::DynamicImage::from_decoder(decoder).map_err(|e| ImageError::Decode(e.to_string()))?;
+        out.copy_from_slice(image.into_rgb8().as_raw());
+    }
+    Ok((w, h))
+}
+
+/// A reader with kiln's limits, refusing empty and truncated files up front.
+fn reader(bytes: &[u8]) -> Result<ImageReader<Cursor<&[u8]>>, ImageError> {
     if bytes.is_empty() {
         return Err(ImageError::Empty);
     }
@@ -32,8 +66,7 @@ pub fn decode(bytes: &[u8]) -> Result<RgbImage, ImageError> {
     if reader.format() == Some(ImageFormat::Jpeg) && !jpeg_is_complete(bytes) {
         return Err(ImageError::Decode("truncated JPEG (no end-of-image marker)".into()));
     }
-    let image = reader.decode().map_err(|e| ImageError::Decode(e.to_string()))?;
-    Ok(image.into_rgb8())
+    Ok(reader)
 }
 
 /// JPEG decoders fill a cut-off scan with grey and report success; a truncated upload
@@ -92,5 +125,29 @@ mod tests {
     fn decode_rejects_empty_and_garbage() {
         assert!(matches!(decode(b""), Err(ImageError::Empty)));
         assert!(matches!(decode(b"definitely not an image"), Err(ImageError::Decode(_))));
+    }
+
+    #[test]
+    fn decode_into_matches_decode_for_jpeg_and_png() -> Result<(), Box<dyn std::error::Error>> {
+        let img = gradient(37, 23);
+        for format in [ImageFormat::Png, ImageFormat::Jpeg] {
+            let mut bytes = Vec::new();
+            img.write_to(&mut Cursor::new(&mut bytes), format)?;
+            assert_eq!(dimensions(&bytes)?, (37, 23));
+            let mut out = vec![0u8; 37 * 23 * 3];
+            assert_eq!(decode_rgb_into(&bytes, &mut out)?, (37, 23));
+            assert_eq!(out, decode(&bytes)?.into_raw());
+            let mut short = vec![0u8; 10];
+            assert!(decode_rgb_into(&bytes, &mut short).is_err());
+        }
+        // A grey PNG takes the converting path.
+        let grey = image::GrayImage::from_fn(5, 4, |x, y| image::Luma([(x * 40 + y) as u8]));
+        let mut bytes = Vec::new();
+        grey.write_to(&mut Cursor::new(&mut bytes), ImageFormat::Png)?;
+        let mut out = vec![0u8; 5 * 4 * 3];
+        decode_rgb_into(&bytes, &mut out)?;
+        assert_eq!(&out[..6], &[0, 0, 0, 40, 40, 40]);
+        assert!(dimensions(&[]).is_err());
+        Ok(())
     }
 }

@@ -328,3 +328,34 @@ fn antialiased_downscale_matches_the_image_crate_within_one_level() -> R {
     }
     Ok(())
 }
+
+/// Files decoded on the thread pool straight into a staging buffer give the same
+/// preprocessing as decoding them one by one.
+#[test]
+fn decoding_straight_into_staging_matches_decoding_alone() -> Result<(), Box<dyn std::error::Error>> {
+    use kiln_kernels::preprocess::decode::decode_batch_into;
+    let files: Vec<Vec<u8>> = [(31u32, 17u32), (8, 40), (64, 48)]
+        .iter()
+        .map(|&(w, h)| {
+            let img =
+                image::RgbImage::from_fn(w, h, |x, y| image::Rgb([(x * 5) as u8, (y * 7) as u8, ((x + y) * 3) as u8]));
+            let mut bytes = Vec::new();
+            img.write_to(&mut std::io::Cursor::new(&mut bytes), image::ImageFormat::Png).map(|()| bytes)
+        })
+        .collect::<Result<_, _>>()?;
+    let refs: Vec<&[u8]> = files.iter().map(Vec::as_slice).collect();
+    let spec = Spec::new(16, 16);
+    let mut staging = vec![0u8; 31 * 17 * 3 + 8 * 40 * 3 + 64 * 48 * 3];
+    let layout = decode_batch_into(&refs, &spec, &mut staging)?;
+    assert_eq!(layout.len(), 3);
+    for (i, f) in files.iter().enumerate() {
+        let decoded = kiln_image::decode(f)?;
+        let off = layout.offset(i).ok_or("no offset")?;
+        assert_eq!(&staging[off..off + decoded.as_raw().len()], decoded.as_raw().as_slice(), "image {i}");
+    }
+    let mut small = vec![0u8; 100];
+    assert!(decode_batch_into(&refs, &spec, &mut small).is_err());
+    let broken: Vec<&[u8]> = vec![&files[0], &[0xFF, 0xD8, 0x00]];
+    assert!(decode_batch_into(&broken, &spec, &mut staging).is_err());
+    Ok(())
+}

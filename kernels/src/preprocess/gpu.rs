@@ -11,7 +11,9 @@ use std::sync::Arc;
 
 use cudarc::driver::{CudaFunction, CudaSlice, CudaStream, CudaView, LaunchConfig, PushKernelArg};
 
-use super::{Channels, Fit, Geometry, ImageView, Layout, OutDType, OutElem, Spec, check_batch, invalid};
+use super::{
+    Channels, Fit, Geometry, ImageView, Layout, MAX_DIM, OutDType, OutElem, PixelFormat, Spec, check_batch, invalid,
+};
 use crate::KernelError;
 use crate::sources::PREPROCESS;
 use crate::toolchain::Gpu;
@@ -40,6 +42,35 @@ pub struct BatchLayout {
 impl BatchLayout {
     /// Validates the images against `spec` and lays them out back to back.
     pub fn new(images: &[ImageView<'_>], spec: &Spec) -> Result<Self, KernelError> {
+        for (i, im) in images.iter().enumerate() {
+            im.validate().map_err(|e| invalid(format!("image {i}: {e}")))?;
+        }
+        Self::lay_out(images, spec)
+    }
+
+    /// The layout of packed RGB images of the given `(width, height)`, before their pixels
+    /// exist: what decoding straight into a pinned staging buffer needs
+    /// ([`super::decode::decode_batch_into`]).
+    pub fn for_sizes(sizes: &[(u32, u32)], spec: &Spec) -> Result<Self, KernelError> {
+        let views: Vec<ImageView<'_>> = sizes
+            .iter()
+            .map(|&(w, h)| ImageView {
+                data: &[],
+                width: w,
+                height: h,
+                pitch: w as usize * 3,
+                format: PixelFormat::Rgb,
+            })
+            .collect();
+        Self::lay_out(&views, spec)
+    }
+
+    /// Byte offset of image `i` in the packed buffer.
+    pub fn offset(&self, i: usize) -> Option<usize> {
+        self.offsets.get(i).copied()
+    }
+
+    fn lay_out(images: &[ImageView<'_>], spec: &Spec) -> Result<Self, KernelError> {
         spec.validate()?;
         if images.len() > MAX_BATCH {
             return Err(invalid(format!("{} images in one launch; at most {MAX_BATCH}", images.len())));
@@ -48,7 +79,10 @@ impl BatchLayout {
         let mut offsets = Vec::with_capacity(images.len());
         let mut bytes = 0usize;
         for (i, im) in images.iter().enumerate() {
-            im.validate().map_err(|e| invalid(format!("image {i}: {e}")))?;
+            let (w, h) = (im.width, im.height);
+            if !(1..=MAX_DIM).contains(&w) || !(1..=MAX_DIM).contains(&h) {
+                return Err(invalid(format!("image {i}: size {w}×{h}: each side must be in 1..={MAX_DIM}")));
+            }
             let pitch =
                 u32::try_from(im.pitch).map_err(|_| invalid(format!("image {i}: pitch {} too large", im.pitch)))?;
             let g = Geometry::new(im.width, im.height, spec)?;

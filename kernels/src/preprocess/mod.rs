@@ -18,6 +18,7 @@
 //! - `out = v·scale[c] + offset[c]`, then FP16 by round-to-nearest-even when asked.
 
 pub mod cpu;
+pub mod decode;
 pub mod gpu;
 
 use crate::KernelError;
