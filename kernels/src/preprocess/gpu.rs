@@ -235,7 +235,8 @@ impl Preprocessor {
         let descs = self.stream.clone_htod(layout.descriptors()).map_err(driver("upload descriptors"))?;
         let plane = spec.out_h * spec.out_w;
         let cfg = LaunchConfig {
-            grid_dim: (plane.div_ceil(BLOCK), n as u32, 1),
+            // Two output pixels per thread (see preprocess.cu).
+            grid_dim: (plane.div_ceil(2 * BLOCK), n as u32, 1),
             block_dim: (BLOCK, 1, 1),
             shared_mem_bytes: 0,
         };
