@@ -271,7 +271,7 @@ async fn prepare(model: &Arc<Model>, files: Vec<Bytes>) -> Result<ModelInput, Ap
         let mut data = vec![0.0f32; files.len() * item];
         for (i, (bytes, out)) in files.iter().zip(data.chunks_exact_mut(item)).enumerate() {
             let image = preprocess::decode(bytes).map_err(|e| image_error(e, multiple.then_some(i)))?;
-            classifier.preprocess.run(&image, out);
+            classifier.preprocess.run(&image, out).map_err(ApiError::internal)?;
         }
         classifier.image_input(files.len(), data).map_err(ApiError::internal)
     })

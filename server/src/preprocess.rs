@@ -63,20 +63,12 @@ impl Preprocess {
         }
     }
 
-    /// Writes the preprocessed image into `out` (`item_len()` floats).
-    pub fn try_run(&self, image: &RgbImage, out: &mut [f32]) -> Result<(), kiln_kernels::KernelError> {
+    /// Writes the preprocessed image into `out` (`item_len()` floats). The spec was
+    /// validated in [`Self::new`] and decoded images are at most 16384 px a side, so an
+    /// error here is a bug, which the caller reports as an internal error.
+    pub fn run(&self, image: &RgbImage, out: &mut [f32]) -> Result<(), kiln_kernels::KernelError> {
         let view = ImageView::packed(image.as_raw(), image.width(), image.height(), PixelFormat::Rgb);
         kp::cpu::preprocess_into(&view, &self.spec, out, 0)
-    }
-
-    /// As [`Self::try_run`]. The spec was validated in [`Self::new`] and decoded images are
-    /// at most 16384 px a side, so nothing can fail here; were it to, the slot is zeroed
-    /// and the error logged rather than the request thread panicking.
-    pub fn run(&self, image: &RgbImage, out: &mut [f32]) {
-        if let Err(e) = self.try_run(image, out) {
-            tracing::error!(error = %e, width = image.width(), height = image.height(), "preprocessing failed");
-            out.fill(0.0);
-        }
     }
 }
 
@@ -107,7 +99,7 @@ mod tests {
         let img = gradient(4, 3);
         let p = Preprocess::new(&config(None, [3, 4], ColorOrder::Rgb, Layout::Nhwc))?;
         let mut out = vec![f32::NAN; p.item_len()];
-        p.run(&img, &mut out);
+        p.run(&img, &mut out).map_err(|e| e.to_string())?;
         let expected: Vec<f32> = img.as_raw().iter().map(|&v| f32::from(v)).collect();
         assert_eq!(out, expected);
         Ok(())
@@ -122,7 +114,7 @@ mod tests {
         let p = Preprocess::new(&c)?;
         assert_eq!(p.item_shape(), [1, 2, 3]);
         let mut out = vec![f32::NAN; p.item_len()];
-        p.run(&img, &mut out);
+        p.run(&img, &mut out).map_err(|e| e.to_string())?;
         for (i, px) in img.pixels().enumerate() {
             let luma = 0.299 * f32::from(px[0]) + 0.587 * f32::from(px[1]) + 0.114 * f32::from(px[2]);
             assert!((out[i] - (luma - 10.0) / 2.0).abs() < 1e-4, "pixel {i}: {} vs {luma}", out[i]);
@@ -135,7 +127,7 @@ mod tests {
         let img = gradient(6, 4);
         let p = Preprocess::new(&config(None, [2, 2], ColorOrder::Bgr, Layout::Nchw))?;
         let mut out = vec![f32::NAN; p.item_len()];
-        p.run(&img, &mut out);
+        p.run(&img, &mut out).map_err(|e| e.to_string())?;
         // Crop rows 1..3, cols 2..4. Channel 0 is blue (constant 7), channel 2 is red (x*10).
         assert_eq!(&out[0..4], &[7.0; 4]);
         assert_eq!(&out[4..8], &[10.0, 10.0, 20.0, 20.0]);
@@ -149,7 +141,7 @@ mod tests {
         let img = gradient(8, 8);
         let p = Preprocess::new(&config(Some(4), [4, 4], ColorOrder::Rgb, Layout::Nhwc))?;
         let mut out = vec![f32::NAN; p.item_len()];
-        p.run(&img, &mut out);
+        p.run(&img, &mut out).map_err(|e| e.to_string())?;
         let red_row: Vec<f32> = (0..4).map(|x| out[x * 3]).collect();
         assert_eq!(red_row, vec![5.0, 25.0, 45.0, 65.0]);
         Ok(())
@@ -165,7 +157,7 @@ mod tests {
         assert_eq!(p.resized_size(500, 375), (341, 256));
         let img = RgbImage::from_pixel(500, 375, image::Rgb([255, 127, 0]));
         let mut out = vec![f32::NAN; p.item_len()];
-        p.run(&img, &mut out);
+        p.run(&img, &mut out).map_err(|e| e.to_string())?;
         let plane = 224 * 224;
         assert!(out[..plane].iter().all(|&v| (v - 1.0).abs() < 1e-6));
         assert!(out[plane..2 * plane].iter().all(|&v| v == 0.0));
@@ -178,7 +170,7 @@ mod tests {
         let img = gradient(1, 1);
         let p = Preprocess::new(&config(None, [5, 7], ColorOrder::Rgb, Layout::Nchw))?;
         let mut out = vec![f32::NAN; p.item_len()];
-        p.run(&img, &mut out);
+        p.run(&img, &mut out).map_err(|e| e.to_string())?;
         assert!(out.iter().all(|v| v.is_finite()));
         Ok(())
     }
