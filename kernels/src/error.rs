@@ -14,3 +14,10 @@ pub enum KernelError {
     #[error("invalid argument: {0}")]
     InvalidArgument(String),
 }
+
+impl KernelError {
+    /// Maps a driver error to [`KernelError::Driver`], naming the step that failed.
+    pub fn driver(what: &'static str) -> impl Fn(cudarc::driver::DriverError) -> KernelError {
+        move |e| KernelError::Driver(format!("{what}: {e:?}"))
+    }
+}

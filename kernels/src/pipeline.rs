@@ -56,10 +56,6 @@ impl std::fmt::Debug for Pipeline {
     }
 }
 
-fn driver(what: &'static str) -> impl Fn(cudarc::driver::DriverError) -> KernelError {
-    move |e| KernelError::Driver(format!("{what}: {e:?}"))
-}
-
 fn poisoned<T>(_: T) -> KernelError {
     KernelError::Driver("pipeline lock poisoned by a panicking thread".into())
 }
@@ -71,19 +67,23 @@ impl Pipeline {
             return Err(KernelError::InvalidArgument(format!("pipeline needs ≥ 1 slot of ≥ 1 byte, got {config:?}")));
         }
         let ctx = gpu.ctx.clone();
-        let copy = ctx.new_stream().map_err(driver("create copy stream"))?;
-        let compute = ctx.new_stream().map_err(driver("create compute stream"))?;
+        let copy = ctx.new_stream().map_err(KernelError::driver("create copy stream"))?;
+        let compute = ctx.new_stream().map_err(KernelError::driver("create compute stream"))?;
         let mut slots = Vec::with_capacity(config.slots);
         for _ in 0..config.slots {
             slots.push(Mutex::new(Slot {
                 host: gpu.alloc_pinned(config.slot_bytes)?,
-                device: copy.alloc_zeros::<u8>(config.slot_bytes).map_err(driver("allocate device memory"))?,
+                device: copy
+                    .alloc_zeros::<u8>(config.slot_bytes)
+                    .map_err(KernelError::driver("allocate device memory"))?,
                 // Blocking sync: CPU threads waiting for a staging buffer sleep instead of spinning.
-                copied: ctx.new_event(Some(CUevent_flags::CU_EVENT_BLOCKING_SYNC)).map_err(driver("create event"))?,
-                consumed: ctx.new_event(None).map_err(driver("create event"))?,
+                copied: ctx
+                    .new_event(Some(CUevent_flags::CU_EVENT_BLOCKING_SYNC))
+                    .map_err(KernelError::driver("create event"))?,
+                consumed: ctx.new_event(None).map_err(KernelError::driver("create event"))?,
             }));
         }
-        copy.synchronize().map_err(driver("synchronize"))?;
+        copy.synchronize().map_err(KernelError::driver("synchronize"))?;
         Ok(Pipeline {
             ctx,
             copy,
@@ -128,7 +128,7 @@ impl Pipeline {
         // From here on the slot must go back to the pool on every path: the guard does that.
         let mut buffer = StagingBuffer { pipeline: self, index, slot: None };
         let slot = self.slots[index].lock().map_err(poisoned)?;
-        slot.copied.synchronize().map_err(driver("wait for the slot's previous copy"))?;
+        slot.copied.synchronize().map_err(KernelError::driver("wait for the slot's previous copy"))?;
         buffer.slot = Some(slot);
         Ok(buffer)
     }
@@ -165,24 +165,24 @@ impl Pipeline {
         let mut guard = self.slots[index].lock().map_err(poisoned)?;
         let slot = &mut *guard;
         // The previous batch's kernels must be done reading the device buffer before it is overwritten.
-        self.copy.wait(&slot.consumed).map_err(driver("copy stream wait"))?;
+        self.copy.wait(&slot.consumed).map_err(KernelError::driver("copy stream wait"))?;
         if len > 0 {
-            let host = slot.host.as_slice().map_err(driver("pinned buffer"))?;
+            let host = slot.host.as_slice().map_err(KernelError::driver("pinned buffer"))?;
             let mut dst = slot.device.slice_mut(..len);
-            self.copy.memcpy_htod(&host[..len], &mut dst).map_err(driver("H2D copy"))?;
+            self.copy.memcpy_htod(&host[..len], &mut dst).map_err(KernelError::driver("H2D copy"))?;
         }
-        slot.copied.record(&self.copy).map_err(driver("record copy event"))?;
-        self.compute.wait(&slot.copied).map_err(driver("compute stream wait"))?;
+        slot.copied.record(&self.copy).map_err(KernelError::driver("record copy event"))?;
+        self.compute.wait(&slot.copied).map_err(KernelError::driver("compute stream wait"))?;
         let result = launch(&self.compute, &slot.device.slice(..len));
         // Recorded even when `launch` failed: whatever it did enqueue must finish before reuse.
-        slot.consumed.record(&self.compute).map_err(driver("record compute event"))?;
+        slot.consumed.record(&self.compute).map_err(KernelError::driver("record compute event"))?;
         result
     }
 
     /// Waits for every copy and kernel enqueued so far.
     pub fn synchronize(&self) -> Result<(), KernelError> {
-        self.copy.synchronize().map_err(driver("synchronize copy stream"))?;
-        self.compute.synchronize().map_err(driver("synchronize compute stream"))
+        self.copy.synchronize().map_err(KernelError::driver("synchronize copy stream"))?;
+        self.compute.synchronize().map_err(KernelError::driver("synchronize compute stream"))
     }
 
     fn release(&self, index: usize) {
@@ -221,7 +221,7 @@ impl<'a> StagingBuffer<'a> {
     /// The whole pinned buffer ([`Pipeline::slot_bytes`] long; contents of an earlier batch).
     pub fn as_mut_slice(&mut self) -> Result<&mut [u8], KernelError> {
         let slot = self.slot.as_mut().ok_or_else(|| KernelError::Driver("staging buffer already finished".into()))?;
-        slot.host.as_mut_slice().map_err(driver("pinned buffer"))
+        slot.host.as_mut_slice().map_err(KernelError::driver("pinned buffer"))
     }
 
     /// Marks the first `len` bytes as the batch, ready for [`Pipeline::submit`].

@@ -246,12 +246,11 @@ impl Gpu {
         if ordinal >= count {
             return Err(KernelError::CudaUnavailable(format!("no CUDA device {ordinal} ({count} present)")));
         }
-        let driver = |what: &'static str| move |e| KernelError::Driver(format!("{what}: {e:?}"));
-        let ctx = CudaContext::new(ordinal).map_err(driver("create context"))?;
-        let (major, minor) = ctx.compute_capability().map_err(driver("compute capability"))?;
-        let name = ctx.name().map_err(driver("device name"))?;
+        let ctx = CudaContext::new(ordinal).map_err(KernelError::driver("create context"))?;
+        let (major, minor) = ctx.compute_capability().map_err(KernelError::driver("compute capability"))?;
+        let name = ctx.name().map_err(KernelError::driver("device name"))?;
         // A non-blocking stream: the legacy default stream would serialise with the pipeline's streams.
-        let stream = ctx.new_stream().map_err(driver("create stream"))?;
+        let stream = ctx.new_stream().map_err(KernelError::driver("create stream"))?;
         Ok(Gpu {
             ctx,
             stream,

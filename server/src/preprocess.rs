@@ -40,11 +40,6 @@ impl Preprocess {
         Ok(Self { spec })
     }
 
-    /// The kernel-level recipe (what a GPU backend hands to `kiln_kernels`' preprocessor).
-    pub fn spec(&self) -> &Spec {
-        &self.spec
-    }
-
     /// The per-image tensor shape (without the batch axis).
     pub fn item_shape(&self) -> [usize; 3] {
         self.spec.item_shape()

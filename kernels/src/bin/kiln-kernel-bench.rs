@@ -43,10 +43,6 @@ fn best_secs(reps: usize, mut f: impl FnMut() -> Result<(), KernelError>) -> Res
     Ok(best)
 }
 
-fn driver(e: cudarc::driver::DriverError) -> KernelError {
-    KernelError::Driver(format!("{e:?}"))
-}
-
 fn run(gpu: &Gpu) -> Result<Vec<Row>, KernelError> {
     let batch_bytes = IMAGES * SRC_W * SRC_H * 3;
     let stream = gpu.stream.clone();
@@ -54,10 +50,10 @@ fn run(gpu: &Gpu) -> Result<Vec<Row>, KernelError> {
 
     // Pinned H2D: one batch of source images per copy.
     let host = gpu.alloc_pinned(batch_bytes)?;
-    let mut dev = stream.alloc_zeros::<u8>(batch_bytes).map_err(driver)?;
+    let mut dev = stream.alloc_zeros::<u8>(batch_bytes).map_err(KernelError::driver("kiln-kernel-bench"))?;
     let h2d = best_secs(10, || {
-        stream.memcpy_htod(&host, &mut dev).map_err(driver)?;
-        stream.synchronize().map_err(driver)
+        stream.memcpy_htod(&host, &mut dev).map_err(KernelError::driver("kiln-kernel-bench"))?;
+        stream.synchronize().map_err(KernelError::driver("kiln-kernel-bench"))
     })?;
     let h2d_gbps = gbps(batch_bytes, h2d);
     rows.push(Row {
@@ -68,10 +64,10 @@ fn run(gpu: &Gpu) -> Result<Vec<Row>, KernelError> {
     });
 
     // D2D: counts bytes read + written, as the NOTES.md figure (4.2 TB/s on the H200) does.
-    let mut dev2 = stream.alloc_zeros::<u8>(batch_bytes).map_err(driver)?;
+    let mut dev2 = stream.alloc_zeros::<u8>(batch_bytes).map_err(KernelError::driver("kiln-kernel-bench"))?;
     let d2d = best_secs(20, || {
-        stream.memcpy_dtod(&dev, &mut dev2).map_err(driver)?;
-        stream.synchronize().map_err(driver)
+        stream.memcpy_dtod(&dev, &mut dev2).map_err(KernelError::driver("kiln-kernel-bench"))?;
+        stream.synchronize().map_err(KernelError::driver("kiln-kernel-bench"))
     })?;
     let d2d_gbps = gbps(2 * batch_bytes, d2d);
     rows.push(Row { name: "device D2D copy", value: d2d_gbps, unit: "GB/s", note: "read + write".into() });
@@ -92,11 +88,11 @@ fn run(gpu: &Gpu) -> Result<Vec<Row>, KernelError> {
         let mut packed = vec![0u8; layout.bytes()];
         layout.pack_into(&images, &mut packed)?;
         let pre = Preprocessor::new(gpu)?;
-        let src = stream.clone_htod(&packed).map_err(driver)?;
-        let mut out = stream.alloc_zeros::<u16>(out_elems).map_err(driver)?;
+        let src = stream.clone_htod(&packed).map_err(KernelError::driver("kiln-kernel-bench"))?;
+        let mut out = stream.alloc_zeros::<u16>(out_elems).map_err(KernelError::driver("kiln-kernel-bench"))?;
         let secs = best_secs(20, || {
             pre.launch(&layout, &src.as_view(), &mut out, 0)?;
-            pre.stream().synchronize().map_err(driver)
+            pre.stream().synchronize().map_err(KernelError::driver("kiln-kernel-bench"))
         })?;
         let moved = gbps(layout.bytes() + out_elems * 2, secs);
         rows.push(Row {
@@ -116,7 +112,8 @@ fn run(gpu: &Gpu) -> Result<Vec<Row>, KernelError> {
     let layout = BatchLayout::new(&images, &spec)?;
     let pipeline = Pipeline::new(gpu, PipelineConfig { slots: 3, slot_bytes: layout.bytes() })?;
     let pre = Preprocessor::new(gpu)?.with_stream(pipeline.compute_stream().clone());
-    let mut out = pipeline.compute_stream().alloc_zeros::<u16>(out_elems).map_err(driver)?;
+    let mut out =
+        pipeline.compute_stream().alloc_zeros::<u16>(out_elems).map_err(KernelError::driver("kiln-kernel-bench"))?;
     let batches = 12;
     // Each pinned slot is packed once, on its first use: host-side packing is CPU work (the
     // decode threads' job), and this row measures what the GPU side sustains.
@@ -154,7 +151,7 @@ fn run(gpu: &Gpu) -> Result<Vec<Row>, KernelError> {
     let jpeg = synthetic_jpeg()?;
     let files: Vec<&[u8]> = (0..IMAGES).map(|_| jpeg.as_slice()).collect();
     let mut pinned = gpu.alloc_pinned(layout.bytes())?;
-    let slot = pinned.as_mut_slice().map_err(driver)?;
+    let slot = pinned.as_mut_slice().map_err(KernelError::driver("kiln-kernel-bench"))?;
     let secs = best_secs(3, || decode_batch_into(&files, &spec, slot).map(drop))?;
     let cores = rayon::current_num_threads();
     rows.push(Row {

@@ -28,14 +28,20 @@ pub fn preprocess_batch<T: OutElem>(
     Ok(())
 }
 
-/// Preprocesses one image into slot `slot` of `out`.
+/// Preprocesses one image into slot `slot` of `out`, on the calling thread: the serving path
+/// calls this per image from its own blocking pool, where a hop to rayon's pool would only
+/// add latency.
 pub fn preprocess_into<T: OutElem>(
     image: &ImageView<'_>,
     spec: &Spec,
     out: &mut [T],
     slot: usize,
 ) -> Result<(), KernelError> {
-    preprocess_batch(std::slice::from_ref(image), spec, out, slot)
+    check_batch(std::slice::from_ref(image), spec, T::DTYPE, out.len(), slot)?;
+    let g = Geometry::new(image.width, image.height, spec)?;
+    let item = spec.item_len();
+    write_item(image, &g, spec, &mut out[slot * item..(slot + 1) * item]);
+    Ok(())
 }
 
 /// How one output index of one axis reads the source.

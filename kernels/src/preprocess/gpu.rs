@@ -11,23 +11,17 @@ use std::sync::Arc;
 
 use cudarc::driver::{CudaFunction, CudaSlice, CudaStream, CudaView, LaunchConfig, PushKernelArg};
 
-use super::{
-    Channels, Fit, Geometry, ImageView, Layout, MAX_DIM, OutDType, OutElem, PixelFormat, Spec, check_batch, invalid,
-};
+use super::{Channels, Fit, Geometry, ImageView, Layout, OutDType, OutElem, PixelFormat, Spec, check_batch, invalid};
 use crate::KernelError;
 use crate::sources::PREPROCESS;
 use crate::toolchain::Gpu;
 
 /// u32 words per image descriptor (`DESC_WORDS` in `preprocess.cu`).
 pub const DESC_WORDS: usize = 16;
-/// Threads per block; one thread per output pixel.
+/// Threads per block; each thread writes two output pixels (see preprocess.cu).
 const BLOCK: u32 = 256;
 /// CUDA's limit on `gridDim.y`, which indexes the images of a launch.
 pub const MAX_BATCH: usize = 65_535;
-
-fn driver(what: &'static str) -> impl FnOnce(cudarc::driver::DriverError) -> KernelError {
-    move |e| KernelError::Driver(format!("preprocess {what}: {e:?}"))
-}
 
 /// Where each image of a batch sits in the packed upload, and its descriptor.
 #[derive(Debug, Clone)]
@@ -79,10 +73,7 @@ impl BatchLayout {
         let mut offsets = Vec::with_capacity(images.len());
         let mut bytes = 0usize;
         for (i, im) in images.iter().enumerate() {
-            let (w, h) = (im.width, im.height);
-            if !(1..=MAX_DIM).contains(&w) || !(1..=MAX_DIM).contains(&h) {
-                return Err(invalid(format!("image {i}: size {w}×{h}: each side must be in 1..={MAX_DIM}")));
-            }
+            im.validate_shape().map_err(|e| invalid(format!("image {i}: {e}")))?;
             let pitch =
                 u32::try_from(im.pitch).map_err(|_| invalid(format!("image {i}: pitch {} too large", im.pitch)))?;
             let g = Geometry::new(im.width, im.height, spec)?;
@@ -202,7 +193,7 @@ impl Preprocessor {
         let layout = BatchLayout::new(images, spec)?;
         let mut packed = vec![0u8; layout.bytes()];
         layout.pack_into(images, &mut packed)?;
-        let src = self.stream.clone_htod(&packed).map_err(driver("upload images"))?;
+        let src = self.stream.clone_htod(&packed).map_err(KernelError::driver("preprocess upload images"))?;
         self.launch(&layout, &src.as_view(), out, first_slot)
     }
 
@@ -232,7 +223,10 @@ impl Preprocessor {
         if n == 0 {
             return Ok(());
         }
-        let descs = self.stream.clone_htod(layout.descriptors()).map_err(driver("upload descriptors"))?;
+        let descs = self
+            .stream
+            .clone_htod(layout.descriptors())
+            .map_err(KernelError::driver("preprocess upload descriptors"))?;
         let plane = spec.out_h * spec.out_w;
         let cfg = LaunchConfig {
             // Two output pixels per thread (see preprocess.cu).
@@ -265,7 +259,7 @@ impl Preprocessor {
         // grid covers `n` images × `plane` pixels (threads past `plane` return), and the
         // output holds slots `first_slot..first_slot + n` of `item_len` elements of the
         // element size the kernel writes (f32 or u16, checked through `T::DTYPE` above).
-        unsafe { b.launch(cfg) }.map_err(driver("launch"))?;
+        unsafe { b.launch(cfg) }.map_err(KernelError::driver("preprocess launch"))?;
         Ok(())
     }
 }

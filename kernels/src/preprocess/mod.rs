@@ -79,7 +79,8 @@ impl<'a> ImageView<'a> {
         (self.height as usize).saturating_sub(1) * self.pitch + self.width as usize * self.format.bytes_per_pixel()
     }
 
-    pub fn validate(&self) -> Result<(), KernelError> {
+    /// Size and pitch only (what a batch layout needs before the pixels exist).
+    pub fn validate_shape(&self) -> Result<(), KernelError> {
         let (w, h) = (self.width, self.height);
         if w == 0 || h == 0 || w > MAX_DIM || h > MAX_DIM {
             return Err(invalid(format!("image size {w}×{h}: each side must be in 1..={MAX_DIM}")));
@@ -88,6 +89,14 @@ impl<'a> ImageView<'a> {
         if self.pitch < row {
             return Err(invalid(format!("pitch {} is less than a row of {row} bytes", self.pitch)));
         }
+        Ok(())
+    }
+
+    /// Shape, pitch, and that `data` holds every row.
+    pub fn validate(&self) -> Result<(), KernelError> {
+        self.validate_shape()?;
+        let (w, h) = (self.width, self.height);
+        let row = w as usize * self.format.bytes_per_pixel();
         let need = (h as usize - 1).checked_mul(self.pitch).and_then(|v| v.checked_add(row));
         match need {
             Some(n) if n <= self.data.len() => Ok(()),
