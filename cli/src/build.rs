@@ -71,6 +71,9 @@ pub struct BuildArgs {
     /// Path of the ONNX Runtime shared library used by --verify.
     #[arg(long, env = "KILN_ORT_LIBRARY", default_value = ".kiln/lib/libonnxruntime.so")]
     ort_library: PathBuf,
+    /// Timing cache file for GPU tactic selection, read and updated (reused across builds).
+    #[arg(long, env = "KILN_TIMING_CACHE")]
+    timing_cache: Option<PathBuf>,
 }
 
 #[derive(Args, Debug)]
@@ -159,6 +162,7 @@ pub fn build(args: &BuildArgs) -> anyhow::Result<()> {
         progress.set_position(done as u64);
         progress.set_message(pass.to_string());
     })?;
+    let plan = if precision == Precision::F16 { fill_tactics(plan, args, &progress)? } else { plan };
     progress.set_message("writing plan");
     let out = args.out.clone().unwrap_or_else(|| args.model.with_extension("plan"));
     plan::save(&plan, &out).with_context(|| format!("cannot write {}", out.display()))?;
@@ -173,6 +177,75 @@ pub fn build(args: &BuildArgs) -> anyhow::Result<()> {
         run_verify(args, &plan.graph, precision)?;
     }
     Ok(())
+}
+
+/// On a GPU machine, times the CUDA engine's tactics at the batch profile's opt
+/// and max (sequence at its opt) and records them in the plan, which is then
+/// tied to this GPU's arch; elsewhere the plan is written as is and the engine
+/// times its tactics at first load.
+fn fill_tactics(mut plan: plan::Plan, args: &BuildArgs, progress: &ProgressBar) -> anyhow::Result<plan::Plan> {
+    use kiln_cuda::engine::{Engine, EngineOptions};
+    if let Err(e) = kiln_cuda::device::available() {
+        progress.suspend(|| println!("tactics: not chosen here ({e}); the CUDA engine times them at first load"));
+        return Ok(plan);
+    }
+    progress.set_message("timing tactics on the GPU");
+    let started = std::time::Instant::now();
+    let opts =
+        EngineOptions { timing_cache: args.timing_cache.clone(), cuda_graphs: false, ..EngineOptions::default() };
+    let engine = Engine::load(plan.clone(), &opts)?;
+    let mut ctx = engine.context()?;
+    let mut bindings: Vec<HashMap<String, usize>> = Vec::new();
+    let batch = plan.settings.profiles.iter().find(|p| p.symbol == "batch");
+    for b in batch.map_or(vec![1], |p| vec![p.opt, p.max]) {
+        let mut m: HashMap<String, usize> = plan.settings.profiles.iter().map(|p| (p.symbol.clone(), p.opt)).collect();
+        m.insert("batch".into(), b);
+        if !bindings.contains(&m) {
+            bindings.push(m);
+        }
+    }
+    let mut slots: HashMap<String, Vec<(String, String)>> = HashMap::new();
+    for binding in &bindings {
+        let g = &plan.graph;
+        let inputs = g
+            .inputs
+            .iter()
+            .map(|&v| {
+                let ty = g.value_type(v).context("input without a type")?;
+                let dims = ty
+                    .shape
+                    .as_ref()
+                    .and_then(|s| kiln_engine::graph::eval_shape(s, binding))
+                    .context("input shape not fixed by the profiles")?;
+                Ok(kiln_engine::Tensor::zeros(ty.dtype, dims)?)
+            })
+            .collect::<anyhow::Result<Vec<_>>>()?;
+        for r in ctx.prepare(&inputs)? {
+            let slot = slots.entry(r.node).or_default();
+            if !slot.iter().any(|(k, _)| *k == r.key) {
+                slot.push((r.key, r.algo));
+            }
+        }
+    }
+    engine.save_timing_cache()?;
+    let mut recorded = 0;
+    for node in &mut plan.graph.nodes {
+        if let Some(choices) = slots.get(&node.name) {
+            node.kernel = kiln_cuda::tactics::kernel_slot(choices);
+            recorded += choices.len();
+        }
+    }
+    plan.settings.arch = engine.arch().to_owned();
+    progress.suspend(|| {
+        println!(
+            "tactics: {recorded} chosen on {} ({}) in {:.1} s; the plan now targets {}",
+            engine.device_name(),
+            engine.arch(),
+            started.elapsed().as_secs_f64(),
+            plan.settings.arch
+        )
+    });
+    Ok(plan)
 }
 
 fn write_json(path: &Path, report: &BuildReport) -> anyhow::Result<()> {

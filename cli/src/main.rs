@@ -7,7 +7,7 @@ use std::path::PathBuf;
 use anyhow::Context;
 use clap::{Args, Parser, Subcommand};
 use kiln_bench::load::BenchArgs;
-use kiln_server::{Limits, Server, ServerConfig, TlsFiles};
+use kiln_server::{BackendKind, Limits, Server, ServerConfig, TlsFiles};
 
 /// kiln: a high-performance deep-learning inference server.
 #[derive(Parser, Debug)]
@@ -73,6 +73,10 @@ struct ServeArgs {
     /// Most open connections; more are closed on accept.
     #[arg(long, env = "KILN_MAX_CONNECTIONS", default_value_t = 10_000)]
     max_connections: usize,
+    /// Serve every model with this backend instead of its config's: `cuda` runs kiln's CUDA
+    /// engine (the version's model.plan, or an FP16 plan built from model.onnx at load).
+    #[arg(long, env = "KILN_BACKEND", value_parser = ["onnxruntime", "cuda"])]
+    backend: Option<String>,
 }
 
 fn main() -> anyhow::Result<()> {
@@ -98,6 +102,11 @@ fn main() -> anyhow::Result<()> {
 
 async fn serve(args: ServeArgs) -> anyhow::Result<()> {
     let mut config = ServerConfig::new(SocketAddr::new(args.host, args.port), args.model_repository, args.ort_library);
+    config.backend = match args.backend.as_deref() {
+        Some("cuda") => Some(BackendKind::Cuda),
+        Some(_) => Some(BackendKind::Onnxruntime),
+        None => None,
+    };
     config.default_model = args.default_model;
     config.limits = Limits {
         max_body_bytes: args.max_body_bytes,

@@ -140,13 +140,24 @@ pub fn plan_memory(
         .try_fold(0usize, |acc, b| acc.checked_add(b.size))
         .ok_or_else(|| GraphError::Invalid("memory plan: total activation size overflows".into()))?;
 
+    let arena_bytes = place(&mut buffers, alignment)?;
+    Ok(MemoryPlan { buffers, arena_bytes, naive_bytes, alignment })
+}
+
+/// Assigns offsets to `buffers` (sizes and lifetimes set; `value` is only an
+/// id for tie-breaking) and returns the arena size. Device executors that
+/// lower a graph to their own steps (aliases, casts, staging) reuse this.
+pub fn place(buffers: &mut [BufferSlot], alignment: usize) -> Result<usize, GraphError> {
+    if alignment == 0 {
+        return Err(GraphError::Invalid("memory plan: alignment must be at least 1".into()));
+    }
     // Largest first; ties by definition order so plans are deterministic.
     let mut order: Vec<usize> = (0..buffers.len()).collect();
     order.sort_by_key(|&i| (std::cmp::Reverse(buffers[i].size), buffers[i].first, buffers[i].value));
     let mut placed: Vec<usize> = Vec::with_capacity(buffers.len());
     let mut arena_bytes = 0usize;
     for i in order {
-        let offset = lowest_free_offset(&buffers, &placed, i, alignment)?;
+        let offset = lowest_free_offset(buffers, &placed, i, alignment)?;
         buffers[i].offset = offset;
         let end = offset
             .checked_add(buffers[i].size)
@@ -154,7 +165,7 @@ pub fn plan_memory(
         arena_bytes = arena_bytes.max(end);
         placed.push(i);
     }
-    Ok(MemoryPlan { buffers, arena_bytes, naive_bytes, alignment })
+    Ok(arena_bytes)
 }
 
 /// One slot per non-constant node output, with its definition and last use.

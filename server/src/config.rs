@@ -66,6 +66,9 @@ impl VersionPolicy {
 pub enum BackendKind {
     #[default]
     Onnxruntime,
+    /// kiln's CUDA engine: `<version>/model.plan` if present, else an FP16 plan
+    /// built from `model.onnx` at load (tactics timed on the GPU then).
+    Cuda,
 }
 
 /// The `[batching]` table: the model's scheduling (see `kiln-batcher` for semantics).

@@ -23,7 +23,7 @@ use hyper_util::server::graceful::GracefulShutdown;
 use tokio::net::TcpListener;
 
 pub use classify::Prediction;
-pub use config::ModelConfig;
+pub use config::{BackendKind, ModelConfig};
 pub use error::{ApiError, ErrorKind};
 pub use model::Model;
 
@@ -109,6 +109,8 @@ pub struct ServerConfig {
     pub tls: Option<TlsFiles>,
     /// How long shutdown waits for open connections before closing them.
     pub drain_timeout: Duration,
+    /// Serve every model with this backend, whatever its config says (`kiln serve --backend`).
+    pub backend: Option<config::BackendKind>,
 }
 
 impl ServerConfig {
@@ -122,6 +124,7 @@ impl ServerConfig {
             auth: AuthConfig::default(),
             tls: None,
             drain_timeout: Duration::from_secs(30),
+            backend: None,
         }
     }
 }
@@ -157,12 +160,14 @@ impl Server {
         let tls = config.tls.as_ref().map(|t| listen::tls_acceptor(&t.cert, &t.key)).transpose()?;
         let repo = config.model_repository.clone();
         let ort = config.ort_library.clone();
+        let backend = config.backend;
         let metrics = metrics::Metrics::new();
         let for_models = Arc::clone(&metrics);
-        let repository =
-            tokio::task::spawn_blocking(move || repository::Repository::open(&repo, &ort, for_models).map(Arc::new))
-                .await
-                .map_err(|e| ServerError::Other(e.to_string()))??;
+        let repository = tokio::task::spawn_blocking(move || {
+            repository::Repository::open(&repo, &ort, backend, for_models).map(Arc::new)
+        })
+        .await
+        .map_err(|e| ServerError::Other(e.to_string()))??;
         let names = repository.snapshot();
         let default_model = match config.default_model {
             Some(name) if names.contains_key(&name) => Some(name),

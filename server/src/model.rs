@@ -117,14 +117,24 @@ impl Model {
     pub fn backend_name(&self) -> &'static str {
         match self.config.backend {
             BackendKind::Onnxruntime => "onnxruntime_onnx",
+            BackendKind::Cuda => "kiln_cuda_plan",
         }
     }
 
     /// Loads `dir` (a model directory of the repository): its config, then every
     /// version its policy selects, each warmed up before it is returned.
-    pub fn load_all(dir: &Path, ort_library: &Path, metrics: &Arc<Metrics>) -> Result<Vec<Arc<Self>>, ServerError> {
+    /// `backend` overrides the config's (`kiln serve --backend`).
+    pub fn load_all(
+        dir: &Path,
+        ort_library: &Path,
+        backend: Option<BackendKind>,
+        metrics: &Arc<Metrics>,
+    ) -> Result<Vec<Arc<Self>>, ServerError> {
         let config_path = dir.join("config.toml");
-        let config = ModelConfig::load(&config_path)?;
+        let mut config = ModelConfig::load(&config_path)?;
+        if let Some(b) = backend {
+            config.backend = b;
+        }
         let bad = |reason: String| ServerError::Config { path: config_path.clone(), reason };
         let dir_name = dir.file_name().and_then(|n| n.to_str()).unwrap_or_default();
         if config.name != dir_name {
@@ -153,10 +163,16 @@ impl Model {
         let bad = |reason: String| ServerError::Config { path: config_path.clone(), reason };
         let model_file = dir.join(version.to_string()).join("model.onnx");
         let options = OrtOptions { intra_threads: config.batching.intra_threads };
-        let probe = match config.backend {
-            BackendKind::Onnxruntime => OrtBackend::load(runtime, &model_file, &options)?,
+        let engine = match config.backend {
+            BackendKind::Onnxruntime => None,
+            BackendKind::Cuda => Some(cuda_engine(dir, version, config)?),
+        };
+        let probe: Box<dyn Backend> = match &engine {
+            None => Box::new(OrtBackend::load(runtime, &model_file, &options)?),
+            Some(engine) => Box::new(kiln_cuda::backend::CudaBackend::new(engine).map_err(|e| bad(e.to_string()))?),
         };
         let metadata = probe.metadata().clone();
+        let probe_name = probe.name();
         // Requests are stacked along axis 0, so batching needs it dynamic everywhere.
         if config.max_batch_size > 1 {
             let fixed =
@@ -180,19 +196,63 @@ impl Model {
         let runtime = runtime.clone();
         let factory = move |index: usize| -> Result<ModelExecutor, ExecutorError> {
             let reused = if index == 0 { first.lock().ok().and_then(|mut s| s.take()) } else { None };
-            let mut backend = match reused {
-                Some(b) => b,
-                None => OrtBackend::load(&runtime, &model_file, &options).map_err(|e| ExecutorError(e.to_string()))?,
+            let mut backend: Box<dyn Backend> = match (reused, &engine) {
+                (Some(b), _) => b,
+                (None, None) => Box::new(
+                    OrtBackend::load(&runtime, &model_file, &options).map_err(|e| ExecutorError(e.to_string()))?,
+                ),
+                // One execution context (stream, arena, CUDA graphs) per executor.
+                (None, Some(engine)) => {
+                    Box::new(kiln_cuda::backend::CudaBackend::new(engine).map_err(|e| ExecutorError(e.to_string()))?)
+                }
             };
-            warm_up(&mut backend).map_err(|e| ExecutorError(format!("warm-up failed: {e}")))?;
-            Ok(ModelExecutor { backend: Box::new(backend) })
+            warm_up(backend.as_mut()).map_err(|e| ExecutorError(format!("warm-up failed: {e}")))?;
+            Ok(ModelExecutor { backend })
         };
         let observer = Some(metrics.model_observer(&config.name));
         let batcher = Batcher::spawn_observed(config.batcher_config(), observer, factory)
             .map_err(|e| ServerError::ModelStart { name: config.name.clone(), reason: e.to_string() })?;
-        tracing::info!(model = %config.name, version, backend = "onnxruntime-cpu", "model loaded");
+        tracing::info!(model = %config.name, version, backend = probe_name, "model loaded");
         Ok(Arc::new(Self { name: config.name.clone(), version, metadata, classifier, batcher, config: config.clone() }))
     }
+}
+
+/// The CUDA engine of one model version: its `model.plan`, or an FP16 plan
+/// built from `model.onnx` (batch 1..=max_batch_size, sequence up to 512).
+/// Tactics timed at load are kept in `timing.cache` beside the model.
+fn cuda_engine(dir: &Path, version: u64, config: &ModelConfig) -> Result<Arc<kiln_cuda::engine::Engine>, ServerError> {
+    use kiln_engine::builder::{BuildOptions, build};
+    use kiln_engine::graph::Precision;
+    use kiln_engine::plan::{Expect, Profile};
+    let vdir = dir.join(version.to_string());
+    let fail = |reason: String| ServerError::ModelStart { name: config.name.clone(), reason };
+    let plan_file = vdir.join("model.plan");
+    let plan = if plan_file.is_file() {
+        kiln_engine::plan::load(&plan_file, &Expect::default()).map_err(|e| fail(e.to_string()))?
+    } else {
+        let onnx = vdir.join("model.onnx");
+        let graph = kiln_engine::import::import_file(&onnx).map_err(|e| fail(e.to_string()))?;
+        let max = config.max_batch_size.max(1);
+        let mut profiles = vec![Profile { symbol: "batch".into(), min: 1, opt: max, max }];
+        let uses_seq = graph.inputs.iter().any(|&i| {
+            graph.shape(i).is_some_and(|s| s.iter().any(|d| d.symbols().iter().any(|x| x == kiln_engine::import::SEQ)))
+        });
+        if uses_seq {
+            profiles.push(Profile { symbol: kiln_engine::import::SEQ.into(), min: 1, opt: 128, max: 512 });
+        }
+        let opts = BuildOptions {
+            precision: Precision::F16,
+            profiles,
+            source: onnx.display().to_string(),
+            ..BuildOptions::default()
+        };
+        build(graph, &opts, |_, _, _| {}).map_err(|e| fail(e.to_string()))?.0
+    };
+    let opts = kiln_cuda::engine::EngineOptions {
+        timing_cache: Some(vdir.join("timing.cache")),
+        ..kiln_cuda::engine::EngineOptions::default()
+    };
+    kiln_cuda::engine::Engine::load(plan, &opts).map_err(|e| fail(e.to_string()))
 }
 
 /// Runs one batch of zeros (dynamic axes as 1) through a fresh backend.

@@ -10,6 +10,7 @@ use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex, PoisonError, RwLock, Weak};
 
 use crate::ServerError;
+use crate::config::BackendKind;
 use crate::error::{ApiError, ErrorKind};
 use crate::metrics::Metrics;
 use crate::model::Model;
@@ -21,6 +22,7 @@ pub(crate) type Versions = BTreeMap<u64, Arc<Model>>;
 pub(crate) struct Repository {
     root: PathBuf,
     ort_library: PathBuf,
+    backend: Option<BackendKind>,
     metrics: Arc<Metrics>,
     table: RwLock<Arc<HashMap<String, Versions>>>,
     /// Serialises load/unload so a slow load cannot resurrect a model unloaded meanwhile.
@@ -41,7 +43,12 @@ pub(crate) fn valid_name(name: &str) -> bool {
 
 impl Repository {
     /// Loads every model directory (one holding a `config.toml`) under `root`.
-    pub(crate) fn open(root: &Path, ort_library: &Path, metrics: Arc<Metrics>) -> Result<Self, ServerError> {
+    pub(crate) fn open(
+        root: &Path,
+        ort_library: &Path,
+        backend: Option<BackendKind>,
+        metrics: Arc<Metrics>,
+    ) -> Result<Self, ServerError> {
         let io = |e: std::io::Error| ServerError::Repository { path: root.to_path_buf(), reason: e.to_string() };
         let mut dirs: Vec<PathBuf> = std::fs::read_dir(root)
             .map_err(io)?
@@ -59,6 +66,7 @@ impl Repository {
         let repo = Self {
             root: root.to_path_buf(),
             ort_library: ort_library.to_path_buf(),
+            backend,
             metrics,
             table: RwLock::new(Arc::new(HashMap::new())),
             admin: Mutex::new(()),
@@ -76,7 +84,7 @@ impl Repository {
     }
 
     fn load_dir(&self, dir: &Path) -> Result<Versions, ServerError> {
-        let models = Model::load_all(dir, &self.ort_library, &self.metrics)?;
+        let models = Model::load_all(dir, &self.ort_library, self.backend, &self.metrics)?;
         for m in &models {
             self.metrics.set_model_ready(&m.name, &m.version.to_string(), true);
         }

@@ -1,0 +1,37 @@
+//! The CUDA engine behind kiln-engine's [`Backend`] trait, so the server's
+//! executors drive it like any other backend: one [`ExecutionContext`] (one
+//! stream, one arena, its CUDA graphs) per executor thread, sharing one
+//! [`Engine`] (weights uploaded once).
+
+use std::sync::Arc;
+
+use kiln_engine::{Backend, EngineError, ModelMetadata, Tensor};
+
+use crate::CudaError;
+use crate::engine::{Engine, ExecutionContext};
+
+#[derive(Debug)]
+pub struct CudaBackend {
+    ctx: ExecutionContext,
+}
+
+impl CudaBackend {
+    /// A backend on a new execution context of `engine`.
+    pub fn new(engine: &Arc<Engine>) -> Result<Self, CudaError> {
+        Ok(Self { ctx: engine.context()? })
+    }
+}
+
+impl Backend for CudaBackend {
+    fn name(&self) -> &'static str {
+        "kiln-cuda"
+    }
+
+    fn metadata(&self) -> &ModelMetadata {
+        self.ctx.engine().metadata()
+    }
+
+    fn run(&mut self, inputs: &[Tensor]) -> Result<Vec<Tensor>, EngineError> {
+        self.ctx.run(inputs).map_err(EngineError::from)
+    }
+}
