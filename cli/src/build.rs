@@ -71,6 +71,14 @@ pub struct BuildArgs {
     /// Path of the ONNX Runtime shared library used by --verify.
     #[arg(long, env = "KILN_ORT_LIBRARY", default_value = ".kiln/lib/libonnxruntime.so")]
     ort_library: PathBuf,
+    /// Give the plan a UINT8 NHWC image input normalised on the device as
+    /// `(pixel − mean) / std`, e.g. `--uint8-mean 127,127,127 --uint8-std 128,128,128`
+    /// (replaces the model's FP32 image input; needs --uint8-std too).
+    #[arg(long, value_delimiter = ',', requires = "uint8_std")]
+    uint8_mean: Option<Vec<f32>>,
+    /// Per-channel std of --uint8-mean.
+    #[arg(long, value_delimiter = ',', requires = "uint8_mean")]
+    uint8_std: Option<Vec<f32>>,
     /// Timing cache file for GPU tactic selection, read and updated (reused across builds).
     #[arg(long, env = "KILN_TIMING_CACHE")]
     timing_cache: Option<PathBuf>,
@@ -155,6 +163,15 @@ pub fn build(args: &BuildArgs) -> anyhow::Result<()> {
         profiles,
         arch: args.arch.clone(),
         source: args.model.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default(),
+        uint8_input: match (&args.uint8_mean, &args.uint8_std) {
+            (Some(m), Some(s)) => {
+                let three = |v: &[f32]| -> anyhow::Result<[f32; 3]> {
+                    v.try_into().map_err(|_| anyhow::anyhow!("--uint8-mean/--uint8-std take three values each"))
+                };
+                Some(kiln_engine::image_input::Uint8Input::from_mean_std(three(m)?, three(s)?)?)
+            }
+            _ => None,
+        },
     };
     let progress = bar(0);
     let (plan, report) = kiln_engine::builder::build(graph, &opts, |pass, done, total| {

@@ -217,6 +217,7 @@ impl Engine {
             upload: self.device.gpu().alloc_pinned(a.upload_bytes.max(1))?,
             download: self.device.gpu().alloc_pinned(a.download_bytes.max(1))?,
             instances: HashMap::new(),
+            memo: HashMap::new(),
             engine: Arc::clone(self),
             stream,
         })
@@ -287,29 +288,45 @@ impl Engine {
         Ok((binding, key))
     }
 
-    /// Evaluates the host nodes (shape and mask bookkeeping) on `inputs`.
-    fn host_values(&self, inputs: &[Tensor]) -> Result<HashMap<ValueId, Tensor>, CudaError> {
+    /// Evaluates the host nodes (shape and mask bookkeeping) on `inputs`. Nodes
+    /// that depend only on input *shapes* (through `Shape`) and constants give
+    /// the same result for every run of a binding: they come from `memo`, which
+    /// the caller keeps per binding, so a run only evaluates what depends on
+    /// input values (e.g. an attention mask).
+    fn host_values(
+        &self,
+        inputs: &[Tensor],
+        memo: &mut HashMap<ValueId, Tensor>,
+    ) -> Result<HashMap<ValueId, Tensor>, CudaError> {
         let g = &self.graph;
         let mut vals: HashMap<ValueId, Tensor> = g.inputs.iter().copied().zip(inputs.iter().cloned()).collect();
         for &i in &self.analysis.host_nodes {
             let node = &g.nodes[i];
+            if node.outputs.iter().all(|o| memo.contains_key(o)) {
+                continue;
+            }
             let issue = |reason: String| {
-                CudaError::Plan(GraphError::Execution(NodeIssue {
-                    node: node.name.clone(),
-                    op: node.op.clone(),
-                    reason,
-                }))
+                CudaError::Plan(GraphError::Execution(NodeIssue { node: node.name.clone(), op: node.op.clone(), reason }))
             };
             let op = registry().get(&node.op).ok_or_else(|| issue("no such op".into()))?;
             let ins: Vec<Option<&Tensor>> = node
                 .inputs
                 .iter()
-                .map(|v| v.and_then(|v| g.values[v].constant.as_deref().or_else(|| vals.get(&v))))
+                .map(|v| v.and_then(|v| g.values[v].constant.as_deref().or_else(|| memo.get(&v)).or_else(|| vals.get(&v))))
                 .collect();
             let outs = op.eval(node, &ins).map_err(issue)?;
+            let shape_only = self.analysis.static_host_nodes.contains(&i);
             for (&o, t) in node.outputs.iter().zip(outs) {
-                vals.insert(o, t);
+                if shape_only {
+                    memo.insert(o, t);
+                } else {
+                    vals.insert(o, t);
+                }
             }
+        }
+        // Consumers look values up in one map.
+        for (k, v) in memo.iter() {
+            vals.entry(*k).or_insert_with(|| v.clone());
         }
         Ok(vals)
     }
@@ -346,6 +363,8 @@ pub struct ExecutionContext {
     upload: PinnedHostSlice<u8>,
     download: PinnedHostSlice<u8>,
     instances: HashMap<Vec<usize>, Instance>,
+    /// Shape-only host values per binding (see [`Engine::host_values`]).
+    memo: HashMap<Vec<usize>, HashMap<ValueId, Tensor>>,
 }
 
 impl std::fmt::Debug for ExecutionContext {
@@ -381,7 +400,10 @@ impl ExecutionContext {
         let engine = Arc::clone(&self.engine);
         engine.device.gpu().ctx.bind_to_thread().map_err(CudaError::driver("bind context"))?;
         let (binding, key) = engine.binding(inputs)?;
-        let host = engine.host_values(inputs)?;
+        let mut memo = self.memo.remove(&key).unwrap_or_default();
+        let host = engine.host_values(inputs, &mut memo);
+        self.memo.insert(key.clone(), memo);
+        let host = host?;
         self.instance(&binding, &key)?;
         let a = &engine.analysis;
 

@@ -33,6 +33,8 @@ pub struct BuildOptions {
     pub arch: String,
     /// Source model file name, recorded in the plan.
     pub source: String,
+    /// Replace the FP32 image input by UINT8 NHWC pixels normalised in the plan.
+    pub uint8_input: Option<crate::image_input::Uint8Input>,
 }
 
 impl Default for BuildOptions {
@@ -43,6 +45,7 @@ impl Default for BuildOptions {
             profiles: Vec::new(),
             arch: "cpu-reference".into(),
             source: String::new(),
+            uint8_input: None,
         }
     }
 }
@@ -124,6 +127,9 @@ pub fn build(
     mut progress: impl FnMut(&str, usize, usize),
 ) -> Result<(Plan, BuildReport), GraphError> {
     let started = Instant::now();
+    if let Some(norm) = &opts.uint8_input {
+        crate::image_input::apply(&mut graph, norm)?;
+    }
     check_profiles(&graph, &opts.profiles)?;
     let nhwc = match opts.layout {
         Layout::Auto => opts.precision == Precision::F16,

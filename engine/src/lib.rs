@@ -7,6 +7,7 @@ mod backend;
 pub mod builder;
 mod error;
 pub mod graph;
+pub mod image_input;
 pub mod import;
 pub mod infer;
 pub mod memory;

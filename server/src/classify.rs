@@ -47,7 +47,9 @@ impl Classifier {
             Some(file) => read_labels(&dir.join(file)).map_err(|e| format!("output.labels: {e}"))?,
             None => Vec::new(),
         };
-        let preprocess = Preprocess::new(input)?;
+        // A CUDA plan built with a uint8 image input normalises on the GPU.
+        let uint8 = meta.inputs.first().is_some_and(|i| i.dtype == DType::U8);
+        let preprocess = if uint8 { Preprocess::uint8(input)? } else { Preprocess::new(input)? };
         let output_index = check_signature(input, output, config.max_batch_size, meta, &preprocess, labels.len())?;
         Ok(Self { preprocess, output: output.clone(), labels, output_index })
     }
@@ -80,11 +82,12 @@ impl Classifier {
         self.labels.get(class).cloned().unwrap_or_else(|| class.to_string())
     }
 
-    /// Builds the input tensor for `items` images already preprocessed into `data`.
-    pub fn image_input(&self, items: usize, data: Vec<f32>) -> Result<ModelInput, String> {
+    /// Builds the input tensor for `items` images already preprocessed into `data`
+    /// (`TensorData::F32`, or `TensorData::U8` for a uint8 model input).
+    pub fn image_input(&self, items: usize, data: TensorData) -> Result<ModelInput, String> {
         let mut shape = vec![items];
         shape.extend(self.preprocess.item_shape());
-        Tensor::new(shape, TensorData::F32(data)).map(|t| ModelInput(vec![t])).map_err(|e| e.to_string())
+        Tensor::new(shape, data).map(|t| ModelInput(vec![t])).map_err(|e| e.to_string())
     }
 }
 
@@ -111,8 +114,9 @@ fn check_signature(
     if input.name != input_config.name {
         return Err(format!("input.name: {:?} but the model's input is {:?}", input_config.name, input.name));
     }
-    if input.dtype != DType::F32 {
-        return Err(format!("input: the model's input is {}, expected FP32", input.dtype));
+    let want = if pre.is_uint8() { DType::U8 } else { DType::F32 };
+    if input.dtype != want {
+        return Err(format!("input: the model's input is {}, expected {want}", input.dtype));
     }
     let expected = pre.item_shape();
     let fits = input.shape.len() == 4

@@ -12,6 +12,7 @@ use http::{HeaderValue, Method, Request, Response, StatusCode};
 use http_body_util::{BodyExt, Full, LengthLimitError, Limited};
 use hyper::body::Incoming;
 use kiln_batcher::InferOptions;
+use kiln_engine::TensorData;
 use serde::Serialize;
 
 use crate::classify::{Classifier, Prediction};
@@ -268,11 +269,20 @@ async fn prepare(model: &Arc<Model>, files: Vec<Bytes>) -> Result<ModelInput, Ap
         let classifier = classifier(&model)?;
         let item = classifier.preprocess.item_len();
         let multiple = files.len() > 1;
-        let mut data = vec![0.0f32; files.len() * item];
-        for (i, (bytes, out)) in files.iter().zip(data.chunks_exact_mut(item)).enumerate() {
-            let image = preprocess::decode(bytes).map_err(|e| image_error(e, multiple.then_some(i)))?;
-            classifier.preprocess.run(&image, out).map_err(ApiError::internal)?;
-        }
+        let decode = |i: usize, bytes: &Bytes| preprocess::decode(bytes).map_err(|e| image_error(e, multiple.then_some(i)));
+        let data = if classifier.preprocess.is_uint8() {
+            let mut data = vec![0u8; files.len() * item];
+            for (i, (bytes, out)) in files.iter().zip(data.chunks_exact_mut(item)).enumerate() {
+                classifier.preprocess.run_uint8(&decode(i, bytes)?, out).map_err(ApiError::internal)?;
+            }
+            TensorData::U8(data)
+        } else {
+            let mut data = vec![0.0f32; files.len() * item];
+            for (i, (bytes, out)) in files.iter().zip(data.chunks_exact_mut(item)).enumerate() {
+                classifier.preprocess.run(&decode(i, bytes)?, out).map_err(ApiError::internal)?;
+            }
+            TensorData::F32(data)
+        };
         classifier.image_input(files.len(), data).map_err(ApiError::internal)
     })
     .await

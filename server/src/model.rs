@@ -240,10 +240,19 @@ fn cuda_engine(dir: &Path, version: u64, config: &ModelConfig) -> Result<Arc<kil
         if uses_seq {
             profiles.push(Profile { symbol: kiln_engine::import::SEQ.into(), min: 1, opt: 128, max: 512 });
         }
+        // Image models take UINT8 pixels and normalise on the GPU (a quarter of the bytes over PCIe).
+        let uint8_input = match &config.input {
+            Some(input) => {
+                let (scale, offset) = input.scale_offset().map_err(&fail)?;
+                Some(kiln_engine::image_input::Uint8Input { scale, offset })
+            }
+            None => None,
+        };
         let opts = BuildOptions {
             precision: Precision::F16,
             profiles,
             source: onnx.display().to_string(),
+            uint8_input,
             ..BuildOptions::default()
         };
         build(graph, &opts, |_, _, _| {}).map_err(|e| fail(e.to_string()))?.0

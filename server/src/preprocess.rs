@@ -16,11 +16,32 @@ pub use kiln_image::{ImageError, decode};
 #[derive(Debug, Clone)]
 pub struct Preprocess {
     spec: Spec,
+    /// Resize and crop only, to UINT8 NHWC pixels: the model (a CUDA plan with a
+    /// uint8 image input) normalises on the GPU.
+    uint8: bool,
 }
 
 impl Preprocess {
+    /// Resize, crop, normalise and lay out into FP32, as `[input]` says.
     pub fn new(config: &InputConfig) -> Result<Self, String> {
-        let (scale, offset) = config.scale_offset()?;
+        Self::with_mode(config, false)
+    }
+
+    /// Resize and crop into UINT8 NHWC pixels (normalisation happens in the model).
+    pub fn uint8(config: &InputConfig) -> Result<Self, String> {
+        if config.color == ColorOrder::Gray {
+            return Err("input.color: gray images are not supported with a uint8 model input".into());
+        }
+        Self::with_mode(config, true)
+    }
+
+    /// Whether [`Self::run_uint8`] is the step to use.
+    pub fn is_uint8(&self) -> bool {
+        self.uint8
+    }
+
+    fn with_mode(config: &InputConfig, uint8: bool) -> Result<Self, String> {
+        let (scale, offset) = if uint8 { ([1.0; 3], [0.0; 3]) } else { config.scale_offset()? };
         let spec = Spec {
             resize: config.resize_shorter.map_or(kp::Resize::None, kp::Resize::ShorterSide),
             channels: match config.color {
@@ -29,6 +50,7 @@ impl Preprocess {
                 ColorOrder::Gray => kp::Channels::Gray,
             },
             layout: match config.layout {
+                _ if uint8 => kp::Layout::Nhwc,
                 Layout::Nchw => kp::Layout::Nchw,
                 Layout::Nhwc => kp::Layout::Nhwc,
             },
@@ -37,7 +59,7 @@ impl Preprocess {
             ..Spec::new(config.crop[0], config.crop[1])
         };
         spec.validate().map_err(|e| format!("input preprocessing: {e}"))?;
-        Ok(Self { spec })
+        Ok(Self { spec, uint8 })
     }
 
     /// The per-image tensor shape (without the batch axis).
@@ -65,6 +87,16 @@ impl Preprocess {
         let view = ImageView::packed(image.as_raw(), image.width(), image.height(), PixelFormat::Rgb);
         kp::cpu::preprocess_into(&view, &self.spec, out, 0)
     }
+
+    /// Resized and cropped pixels, rounded to bytes, into `out` (`item_len()` bytes).
+    pub fn run_uint8(&self, image: &RgbImage, out: &mut [u8]) -> Result<(), kiln_kernels::KernelError> {
+        let mut scratch = vec![0f32; out.len()];
+        self.run(image, &mut scratch)?;
+        for (o, v) in out.iter_mut().zip(scratch) {
+            *o = v.round().clamp(0.0, 255.0) as u8;
+        }
+        Ok(())
+    }
 }
 
 #[cfg(test)]
@@ -87,6 +119,34 @@ mod tests {
 
     fn gradient(w: u32, h: u32) -> RgbImage {
         RgbImage::from_fn(w, h, |x, y| image::Rgb([(x * 10) as u8, (y * 10) as u8, 7]))
+    }
+
+    #[test]
+    fn uint8_mode_gives_the_resized_pixels_that_normalise_to_the_float_path() -> Result<(), String> {
+        let mut c = config(Some(8), [6, 6], ColorOrder::Rgb, Layout::Nchw);
+        c.mean = Some([127.0, 127.0, 127.0]);
+        c.std = Some([128.0, 128.0, 128.0]);
+        let float = Preprocess::new(&c)?;
+        let bytes = Preprocess::uint8(&c)?;
+        assert!(bytes.is_uint8() && !float.is_uint8());
+        assert_eq!(bytes.item_shape(), [6, 6, 3], "NHWC whatever the model's layout");
+        let img = gradient(16, 12);
+        let mut f = vec![0f32; float.item_len()];
+        float.run(&img, &mut f).map_err(|e| e.to_string())?;
+        let mut u = vec![0u8; bytes.item_len()];
+        bytes.run_uint8(&img, &mut u).map_err(|e| e.to_string())?;
+        // Normalising the bytes gives the float path's NCHW values to within half a pixel step.
+        for ch in 0..3 {
+            for y in 0..6 {
+                for x in 0..6 {
+                    let from_bytes = (f32::from(u[(y * 6 + x) * 3 + ch]) - 127.0) / 128.0;
+                    let direct = f[(ch * 6 + y) * 6 + x];
+                    assert!((from_bytes - direct).abs() <= 0.5 / 128.0 + 1e-6, "{from_bytes} vs {direct}");
+                }
+            }
+        }
+        assert!(Preprocess::uint8(&config(None, [4, 4], ColorOrder::Gray, Layout::Nchw)).is_err());
+        Ok(())
     }
 
     #[test]

@@ -74,6 +74,9 @@ pub struct Analysis {
     pub ops: Vec<DevOp>,
     /// Graph node indices evaluated on the host, in order.
     pub host_nodes: Vec<usize>,
+    /// The host nodes whose results depend only on input shapes and constants
+    /// (the same for every run at one binding).
+    pub static_host_nodes: HashSet<usize>,
     /// Host values the device reads (graph inputs, host-node results): copied
     /// into `[0, upload_bytes)` of the arena, in this order, before each run.
     pub uploads: Vec<Transfer>,
@@ -163,6 +166,7 @@ impl Analysis {
                 dvals: Vec::new(),
                 ops: Vec::new(),
                 host_nodes: Vec::new(),
+                static_host_nodes: HashSet::new(),
                 uploads: Vec::new(),
                 upload_bytes: 0,
                 downloads: Vec::new(),
@@ -225,6 +229,8 @@ impl Builder<'_> {
     fn place_nodes(&mut self) {
         let g = self.graph;
         let mut host: HashSet<ValueId> = g.inputs.iter().copied().collect();
+        // Values that depend only on input shapes and constants.
+        let mut shape_only: HashSet<ValueId> = HashSet::new();
         for (i, node) in g.nodes.iter().enumerate() {
             let inputs_on_host =
                 node.inputs.iter().flatten().all(|v| host.contains(v) || g.values[*v].constant.is_some());
@@ -233,6 +239,12 @@ impl Builder<'_> {
                 .iter()
                 .any(|&o| g.value_type(o).is_none_or(|t| matches!(t.dtype, DType::F32 | DType::F16 | DType::F64)));
             if node.op == "Shape" || (inputs_on_host && !float_out) {
+                let static_node = node.op == "Shape"
+                    || node.inputs.iter().flatten().all(|v| shape_only.contains(v) || g.values[*v].constant.is_some());
+                if static_node {
+                    self.a.static_host_nodes.insert(i);
+                    shape_only.extend(node.outputs.iter().copied());
+                }
                 self.a.host_nodes.push(i);
                 host.extend(node.outputs.iter().copied());
                 continue;

@@ -215,6 +215,8 @@ pub(super) fn emit_node(e: &mut Emitter<'_>, node: &Node, op: &DevOp) -> Result<
                 None => Err(bad(node, "Clip bounds computed at run time are not supported on the GPU")),
             };
             let (lo, hi) = (bound(1, f32::NEG_INFINITY)?, bound(2, f32::INFINITY)?);
+            // ONNX Clip with min > max gives max everywhere; the kernel's clip wants lo ≤ hi.
+            let (lo, hi) = if lo > hi { (hi, hi) } else { (lo, hi) };
             elementwise(e, node, &views[..1], y, EwOp::Clip, lo, hi)
         }
         "Where" => elementwise(e, node, &views, y, EwOp::Where, 0.0, 0.0),

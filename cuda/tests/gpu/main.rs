@@ -2,7 +2,9 @@
 //! machine as one binary. Without a GPU each test prints why it skipped; with
 //! `KILN_REQUIRE_GPU=1` a missing GPU fails instead.
 
+mod engine;
 mod kernels;
+mod libs;
 
 use kiln_cuda::device::Device;
 

@@ -82,6 +82,9 @@ pub fn pipeline(cx: &PassContext) -> Vec<Box<dyn Pass>> {
     ];
     if cx.nhwc {
         passes.push(Box::new(NhwcLayout));
+        // The layout change can meet a transpose already there (a UINT8 NHWC image input
+        // turned NCHW for the model): fold the pair.
+        passes.push(Box::new(MovementFolding));
     }
     if cx.precision == Precision::F16 {
         passes.push(Box::new(Fp16Assignment));
