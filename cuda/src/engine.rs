@@ -296,6 +296,7 @@ impl Engine {
     fn host_values(
         &self,
         inputs: &[Tensor],
+        binding: &Binding,
         memo: &mut HashMap<ValueId, Tensor>,
     ) -> Result<HashMap<ValueId, Tensor>, CudaError> {
         let g = &self.graph;
@@ -306,13 +307,39 @@ impl Engine {
                 continue;
             }
             let issue = |reason: String| {
-                CudaError::Plan(GraphError::Execution(NodeIssue { node: node.name.clone(), op: node.op.clone(), reason }))
+                CudaError::Plan(GraphError::Execution(NodeIssue {
+                    node: node.name.clone(),
+                    op: node.op.clone(),
+                    reason,
+                }))
             };
             let op = registry().get(&node.op).ok_or_else(|| issue("no such op".into()))?;
+            // `Shape` of a tensor computed on the device needs only its dims: a zero stand-in.
+            let stand_in = match (node.op.as_str(), node.input(0)) {
+                ("Shape", Some(v)) if !vals.contains_key(&v) && !memo.contains_key(&v) => {
+                    let ty = g.values[v].ty.as_ref().ok_or_else(|| issue("input type unknown".into()))?;
+                    let dims = ty
+                        .shape
+                        .as_ref()
+                        .and_then(|s| kiln_engine::graph::eval_shape(s, binding))
+                        .ok_or_else(|| issue("input shape not bound".into()))?;
+                    Some((v, Tensor::zeros(ty.dtype, dims).map_err(|e| issue(e.to_string()))?))
+                }
+                _ => None,
+            };
             let ins: Vec<Option<&Tensor>> = node
                 .inputs
                 .iter()
-                .map(|v| v.and_then(|v| g.values[v].constant.as_deref().or_else(|| memo.get(&v)).or_else(|| vals.get(&v))))
+                .map(|v| {
+                    v.and_then(|v| {
+                        g.values[v]
+                            .constant
+                            .as_deref()
+                            .or_else(|| memo.get(&v))
+                            .or_else(|| vals.get(&v))
+                            .or_else(|| stand_in.as_ref().filter(|(s, _)| *s == v).map(|(_, t)| t))
+                    })
+                })
                 .collect();
             let outs = op.eval(node, &ins).map_err(issue)?;
             let shape_only = self.analysis.static_host_nodes.contains(&i);
@@ -401,7 +428,7 @@ impl ExecutionContext {
         engine.device.gpu().ctx.bind_to_thread().map_err(CudaError::driver("bind context"))?;
         let (binding, key) = engine.binding(inputs)?;
         let mut memo = self.memo.remove(&key).unwrap_or_default();
-        let host = engine.host_values(inputs, &mut memo);
+        let host = engine.host_values(inputs, &binding, &mut memo);
         self.memo.insert(key.clone(), memo);
         let host = host?;
         self.instance(&binding, &key)?;

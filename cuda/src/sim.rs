@@ -8,12 +8,16 @@
 //! `act(conv + bias + z)`, and kiln's kernels as their `.cu` files describe them.
 //!
 //! Its point is addressing: every access must fall entirely inside the weights
-//! (read-only) or the arena, so a lowering that computes a wrong offset, a wrong
-//! size or a wrong stride fails here with [`CudaError::InvalidArgument`] naming
-//! the step, on any machine, instead of corrupting memory on a GPU.
+//! (read-only) or the arena, and a step's output must not overlap its inputs
+//! (the kernels take their pointers `__restrict__`; only the documented in-place
+//! cases are allowed), so a lowering that computes a wrong offset, size or stride
+//! fails here with [`CudaError::InvalidArgument`] naming the step, on any
+//! machine, instead of corrupting memory on a GPU.
 
 mod linalg;
 mod rows;
+
+use std::sync::OnceLock;
 
 use half::f16;
 
@@ -39,6 +43,16 @@ pub struct SimMemory {
 
 fn invalid(msg: impl Into<String>) -> CudaError {
     CudaError::InvalidArgument(msg.into())
+}
+
+/// An input and an output (address, bytes) that must not overlap: the kernels take their
+/// pointers `__restrict__`, and the libraries only allow the documented in-place cases.
+fn disjoint(what: &str, (a, a_len): (DevPtr, usize), (b, b_len): (DevPtr, usize)) -> Result<(), CudaError> {
+    let overlap = a_len > 0 && b_len > 0 && a < b.saturating_add(b_len as u64) && b < a.saturating_add(a_len as u64);
+    if overlap {
+        return Err(invalid(format!("{what} at {a:#x} (+{a_len} B) overlaps the output at {b:#x} (+{b_len} B)")));
+    }
+    Ok(())
 }
 
 impl SimMemory {
@@ -97,11 +111,31 @@ impl SimMemory {
     }
 }
 
+/// Every FP16 bit pattern as f32: a table lookup per element keeps the
+/// simulator usable in unoptimised test builds.
+fn f16_table() -> &'static [f32] {
+    static TABLE: OnceLock<Vec<f32>> = OnceLock::new();
+    TABLE.get_or_init(|| (0..=u16::MAX).map(|b| f16::from_bits(b).to_f32()).collect())
+}
+
 /// Stored elements as f32 (integers converted, as the kernels load them).
 pub fn decode(bytes: &[u8], elem: Elem) -> Vec<f32> {
     match elem {
-        Elem::F32 => bytes.chunks_exact(4).map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]])).collect(),
-        Elem::F16 => bytes.chunks_exact(2).map(|c| f16::from_le_bytes([c[0], c[1]]).to_f32()).collect(),
+        Elem::F32 => {
+            let mut out = vec![0.0f32; bytes.len() / 4];
+            for (i, o) in out.iter_mut().enumerate() {
+                *o = f32::from_le_bytes([bytes[4 * i], bytes[4 * i + 1], bytes[4 * i + 2], bytes[4 * i + 3]]);
+            }
+            out
+        }
+        Elem::F16 => {
+            let table = f16_table();
+            let mut out = vec![0.0f32; bytes.len() / 2];
+            for (i, o) in out.iter_mut().enumerate() {
+                *o = table[usize::from(bytes[2 * i]) | usize::from(bytes[2 * i + 1]) << 8];
+            }
+            out
+        }
         Elem::I64 => bytes.chunks_exact(8).map(|c| i64::from_le_bytes(le8(c)) as f32).collect(),
         Elem::I32 => bytes.chunks_exact(4).map(|c| i32::from_le_bytes([c[0], c[1], c[2], c[3]]) as f32).collect(),
         Elem::U8 => bytes.iter().map(|&b| f32::from(b)).collect(),
@@ -111,9 +145,17 @@ pub fn decode(bytes: &[u8], elem: Elem) -> Vec<f32> {
 /// `vals` stored as `elem`: FP16 rounds to nearest, integers truncate and saturate (NaN → 0).
 pub fn encode(vals: &[f32], elem: Elem, out: &mut [u8]) {
     match elem {
-        Elem::F32 => out.chunks_exact_mut(4).zip(vals).for_each(|(o, v)| o.copy_from_slice(&v.to_le_bytes())),
+        Elem::F32 => {
+            for (i, v) in vals.iter().enumerate() {
+                out[4 * i..4 * i + 4].copy_from_slice(&v.to_le_bytes());
+            }
+        }
         Elem::F16 => {
-            out.chunks_exact_mut(2).zip(vals).for_each(|(o, v)| o.copy_from_slice(&f16::from_f32(*v).to_le_bytes()))
+            for (i, v) in vals.iter().enumerate() {
+                let [lo, hi] = f16::from_f32(*v).to_bits().to_le_bytes();
+                out[2 * i] = lo;
+                out[2 * i + 1] = hi;
+            }
         }
         Elem::I64 => out.chunks_exact_mut(8).zip(vals).for_each(|(o, v)| o.copy_from_slice(&(*v as i64).to_le_bytes())),
         Elem::I32 => {
@@ -182,6 +224,7 @@ pub fn run_step(kind: &StepKind, mem: &mut SimMemory) -> Result<(), CudaError> {
             Ok(())
         }
         StepKind::DtoD { src, dst, bytes } => {
+            disjoint("device copy source", (*src, *bytes), (*dst, *bytes))?;
             let data = mem.bytes(*src, *bytes)?.to_vec();
             mem.bytes_mut(*dst, *bytes)?.copy_from_slice(&data);
             Ok(())
@@ -194,6 +237,9 @@ pub fn run_step(kind: &StepKind, mem: &mut SimMemory) -> Result<(), CudaError> {
 /// the simulator reads exactly what the GPU would and `EwProgram::eval_cpu` does the math.
 fn elementwise(mem: &mut SimMemory, p: &EwProgram) -> Result<(), CudaError> {
     let b = p.to_bytes();
+    if b.len() != std::mem::size_of::<EwProgram>() {
+        return Err(invalid(format!("elementwise program of {} bytes", b.len())));
+    }
     let i64_at = |o: usize| i64::from_le_bytes(le8(&b[o..o + 8]));
     let i32_at = |o: usize| i32::from_le_bytes([b[o], b[o + 1], b[o + 2], b[o + 3]]);
     let elem_of = |code: i32| {
@@ -229,6 +275,7 @@ fn cast(mem: &mut SimMemory, a: &CastArgs) -> Result<(), CudaError> {
     if a.boolean && a.dst_elem != Elem::U8 {
         return Err(invalid(format!("a boolean cast writes U8, not {:?}", a.dst_elem)));
     }
+    disjoint("cast source", (a.src, a.n * a.src_elem.size()), (a.dst, a.n * a.dst_elem.size()))?;
     let src = mem.bytes(a.src, a.n * a.src_elem.size())?.to_vec();
     let out = mem.bytes_mut(a.dst, a.n * a.dst_elem.size())?;
     let ints: Option<Vec<i64>> = match a.src_elem {
@@ -286,8 +333,10 @@ fn copy(mem: &mut SimMemory, a: &CopyArgs) -> Result<(), CudaError> {
     let es = a.elem_size as i64;
     let ((slo, shi), (dlo, dhi)) = (reach(&a.shape, &a.src_strides), reach(&a.shape, &a.dst_strides));
     let (src0, dst0) = (a.src.wrapping_add_signed(slo * es), a.dst.wrapping_add_signed(dlo * es));
-    let src = mem.bytes(src0, ((shi - slo + 1) * es) as usize)?.to_vec();
-    let dst = mem.bytes_mut(dst0, ((dhi - dlo + 1) * es) as usize)?;
+    let (src_len, dst_len) = (((shi - slo + 1) * es) as usize, ((dhi - dlo + 1) * es) as usize);
+    disjoint("copy source", (src0, src_len), (dst0, dst_len))?;
+    let src = mem.bytes(src0, src_len)?.to_vec();
+    let dst = mem.bytes_mut(dst0, dst_len)?;
     // The innermost axis moves as one run when it is contiguous on both sides.
     let inner_run = rank > 0 && a.src_strides[rank - 1] == 1 && a.dst_strides[rank - 1] == 1;
     let (outer, run) = if inner_run { (&a.shape[..rank - 1], a.shape[rank - 1]) } else { (&a.shape[..], 1) };
@@ -324,6 +373,8 @@ fn gather(mem: &mut SimMemory, a: &GatherArgs) -> Result<(), CudaError> {
     };
     let row = a.row_len * a.elem.size();
     let rows = a.rows as i64;
+    disjoint("gather table", (a.table, a.rows * row), (a.out, a.n_idx * row))?;
+    disjoint("gather indices", (a.idx, a.n_idx * a.idx_elem.size()), (a.out, a.n_idx * row))?;
     let mut out = vec![0u8; a.n_idx * row];
     let mut bad = false;
     for (i, &j) in idx.iter().enumerate() {

@@ -46,9 +46,12 @@ pub enum DevOpKind {
     /// Element-type conversion of `ins[0]` into `outs[0]` (same shape), or a
     /// plain copy when both have the same type (graph outputs).
     Convert,
-    /// `ins[0]` (NHWC) copied into `outs[0]` with the channel axis zero-padded
-    /// to a multiple of 8, the width tensor cores need (a 3-channel RGB stem).
-    PadChannels,
+    /// `ins[0]` copied into the zeroed, larger `outs[0]` (same rank) with its
+    /// element 0 at index `at`: a convolution input with its channels padded to
+    /// a multiple of 8 (the width tensor cores need: a 3-channel RGB stem) and/or
+    /// its asymmetric spatial padding (TF "SAME") materialised, which cuDNN
+    /// cannot apply (it pads symmetrically).
+    Pad { at: [usize; 4] },
 }
 
 /// One unit of device work, over device tensors (indices into [`Analysis::dvals`]).
@@ -93,6 +96,8 @@ pub struct Analysis {
     pub zeros_offset: Option<usize>,
     /// The device tensor holding each graph value the device computes or reads.
     pub value_dval: HashMap<ValueId, usize>,
+    /// Convolution nodes whose input 0 already holds their padding ([`DevOpKind::Pad`]).
+    pub prepadded: HashSet<usize>,
 }
 
 fn natural_elem(d: DType) -> Option<Elem> {
@@ -150,6 +155,7 @@ fn required_elem(graph: &Graph, node: usize, i: usize, have: Elem) -> Option<Ele
 
 struct Builder<'g> {
     graph: &'g Graph,
+    consumers: HashMap<ValueId, Vec<usize>>,
     max: &'g Binding,
     a: Analysis,
     converted: HashMap<(usize, Elem), usize>,
@@ -161,6 +167,7 @@ impl Analysis {
     pub fn new(graph: &Graph, max: &Binding) -> Result<Analysis, CudaError> {
         let mut b = Builder {
             graph,
+            consumers: graph.consumers(),
             max,
             a: Analysis {
                 dvals: Vec::new(),
@@ -176,6 +183,7 @@ impl Analysis {
                 weights: Vec::new(),
                 zeros_offset: None,
                 value_dval: HashMap::new(),
+                prepadded: HashSet::new(),
             },
             converted: HashMap::new(),
             issues: Vec::new(),
@@ -302,6 +310,17 @@ impl Builder<'_> {
         Some(d)
     }
 
+    fn feeds_only_fp16(&self, op: &str, v: ValueId) -> bool {
+        let readers = self.consumers.get(&v).map_or(&[][..], Vec::as_slice);
+        matches!(op, "LayerNormalization" | "Softmax")
+            && !self.graph.is_output(v)
+            && !readers.is_empty()
+            && readers.iter().all(|&c| {
+                let n = &self.graph.nodes[c];
+                n.precision == Precision::F16 && !ALIASES.contains(&n.op.as_str()) && !MOVEMENT.contains(&n.op.as_str())
+            })
+    }
+
     /// `d` as `elem`: itself, or a converted copy (made once per pair).
     fn convert(&mut self, node: usize, d: usize, elem: Elem) -> Option<usize> {
         if self.a.dvals[d].elem == elem {
@@ -372,7 +391,7 @@ impl Builder<'_> {
             };
             ins.push(Some(d));
         }
-        if node.op == "kiln.FusedConv" && !self.pad_channels(i, &mut ins) {
+        if node.op == "kiln.FusedConv" && !self.pad_input(i, &mut ins) {
             return;
         }
         let first_in = ins.first().copied().flatten();
@@ -392,6 +411,9 @@ impl Builder<'_> {
             let elem = match first_in {
                 // Gather's output follows its data input (0), like every movement op.
                 Some(src) if moving => self.a.dvals[src].elem,
+                // FP32 normalisations whose readers all compute in FP16 store FP16 directly
+                // (what those readers would round to anyway), saving a cast pass.
+                _ if natural == Elem::F32 && self.feeds_only_fp16(op, o) => Elem::F16,
                 _ if natural == Elem::F32 => precision_elem(node.precision),
                 _ => natural,
             };
@@ -410,53 +432,74 @@ impl Builder<'_> {
         self.a.ops.push(DevOp { kind: DevOpKind::Node(i), ins, outs });
     }
 
-    /// Pads a dense NHWC FP16 convolution's input channels (and its OHWI
-    /// weights, with zeros) to a multiple of 8. `false` after an issue.
-    fn pad_channels(&mut self, i: usize, ins: &mut [Option<usize>]) -> bool {
+    /// Materialises the padding cuDNN cannot apply itself into a zeroed copy of
+    /// a convolution's input: a dense NHWC FP16 convolution's channels (and its
+    /// OHWI weights, with zeros) to a multiple of 8, and asymmetric spatial pads
+    /// (the convolution then runs unpadded). `false` after an issue.
+    fn pad_input(&mut self, i: usize, ins: &mut [Option<usize>]) -> bool {
         let node = &self.graph.nodes[i];
         let nhwc = node.attrs.string("layout", "NCHW").is_ok_and(|l| l == "NHWC");
         let group = node.attrs.int("group", 1).unwrap_or(1);
+        let spatial = match node.attrs.ints("pads") {
+            Ok(Some(&[t, l, b, r])) if t != b || l != r => Some([t, l, b, r]),
+            _ => None,
+        };
         let (Some(Some(x)), Some(Some(w))) = (ins.first().copied(), ins.get(1).copied()) else { return true };
         let (xv, wv) = (self.a.dvals[x].clone(), self.a.dvals[w].clone());
         let c = wv.shape.last().and_then(|d| d.as_fixed()).unwrap_or(0) as usize;
-        if !nhwc || group != 1 || xv.elem != Elem::F16 || c == 0 || c.is_multiple_of(8) {
+        let weight_offset = match wv.storage {
+            Storage::Weight { offset } => Some(offset),
+            _ => None,
+        };
+        let channels = nhwc && group == 1 && xv.elem == Elem::F16 && c != 0 && !c.is_multiple_of(8);
+        let channels = channels && weight_offset.is_some();
+        if !channels && spatial.is_none() {
             return true;
         }
-        let Storage::Weight { offset } = wv.storage else { return true };
-        let cp = c.next_multiple_of(8);
-        let es = wv.elem.size();
-        let raw = self.a.weights[offset..offset + wv.bytes].to_vec();
-        let mut padded = Vec::with_capacity(raw.len() / c * cp);
-        for row in raw.chunks_exact(c * es) {
-            padded.extend_from_slice(row);
-            padded.resize(padded.len() + (cp - c) * es, 0);
-        }
-        let mut wshape = wv.shape.clone();
         let mut xshape = xv.shape.clone();
-        if let (Some(a), Some(b)) = (wshape.last_mut(), xshape.last_mut()) {
-            *a = Dim::fixed(cp as i64);
-            *b = Dim::fixed(cp as i64);
+        let mut at = [0usize; 4];
+        if let Some([t, l, b, r]) = spatial {
+            let (ha, wa) = if nhwc { (1, 2) } else { (2, 3) };
+            for (axis, before, after) in [(ha, t, b), (wa, l, r)] {
+                let Some(size) = xshape.get(axis).and_then(Dim::as_fixed) else {
+                    self.issue(i, "asymmetric padding of an input without fixed spatial dims");
+                    return false;
+                };
+                xshape[axis] = Dim::fixed(size + before + after);
+                at[axis] = before as usize;
+            }
+            self.a.prepadded.insert(i);
         }
-        let woff = self.a.weights.len().next_multiple_of(ALIGN);
-        self.a.weights.resize(woff, 0);
-        self.a.weights.extend_from_slice(&padded);
-        let wname = format!("{}:pad{cp}", wv.name);
-        self.a.dvals.push(DVal {
-            name: wname,
-            elem: wv.elem,
-            shape: wshape,
-            storage: Storage::Weight { offset: woff },
-            bytes: padded.len(),
-        });
-        let wp = self.a.dvals.len() - 1;
-        let xname = format!("{}:pad{cp}", xv.name);
-        let Some(xp) = self.new_dval(xname, Elem::F16, xshape, Storage::Arena { offset: 0 }) else {
+        let mut xname = format!("{}:pad", xv.name);
+        if let (true, Some(offset)) = (channels, weight_offset) {
+            let cp = c.next_multiple_of(8);
+            let es = wv.elem.size();
+            let raw = self.a.weights[offset..offset + wv.bytes].to_vec();
+            let mut padded = Vec::with_capacity(raw.len() / c * cp);
+            for row in raw.chunks_exact(c * es) {
+                padded.extend_from_slice(row);
+                padded.resize(padded.len() + (cp - c) * es, 0);
+            }
+            let mut wshape = wv.shape.clone();
+            if let (Some(a), Some(b)) = (wshape.last_mut(), xshape.last_mut()) {
+                *a = Dim::fixed(cp as i64);
+                *b = Dim::fixed(cp as i64);
+            }
+            let woff = self.a.weights.len().next_multiple_of(ALIGN);
+            self.a.weights.resize(woff, 0);
+            self.a.weights.extend_from_slice(&padded);
+            let wname = format!("{}:pad{cp}", wv.name);
+            let storage = Storage::Weight { offset: woff };
+            self.a.dvals.push(DVal { name: wname, elem: wv.elem, shape: wshape, storage, bytes: padded.len() });
+            ins[1] = Some(self.a.dvals.len() - 1);
+            xname = format!("{}:pad{cp}", xv.name);
+        }
+        let Some(xp) = self.new_dval(xname, xv.elem, xshape, Storage::Arena { offset: 0 }) else {
             self.issue(i, "padded input has a shape the profiles do not bound");
             return false;
         };
-        self.a.ops.push(DevOp { kind: DevOpKind::PadChannels, ins: vec![Some(x)], outs: vec![xp] });
+        self.a.ops.push(DevOp { kind: DevOpKind::Pad { at }, ins: vec![Some(x)], outs: vec![xp] });
         ins[0] = Some(xp);
-        ins[1] = Some(wp);
         true
     }
 

@@ -12,7 +12,7 @@ use crate::dnn::{ConvArgs, ConvSpec};
 use crate::ffi::DevPtr;
 use crate::kernels::{
     AttentionArgs, CastArgs, CopyArgs, Elem, EwProgram, GatherArgs, GlobalPoolArgs, LayerNormArgs, Pool2dArgs,
-    ReduceArgs, SoftmaxArgs,
+    ReduceArgs, SoftmaxArgs, row_major_strides,
 };
 
 /// Device addresses of one context's buffers.
@@ -166,20 +166,26 @@ fn emit_op(e: &mut Emitter<'_>, op: &DevOp) -> Result<(), CudaError> {
             e.steps.push(Step { node: name, kind });
             Ok(())
         }
-        DevOpKind::PadChannels => {
+        DevOpKind::Pad { at } => {
             let (src, dst) = (e.view(input(0)?)?, e.view(out(0)?)?);
             let name = e.analysis.dvals[out(0)?].name.clone();
-            let (&c, &cp) = (src.dims.last().unwrap_or(&0), dst.dims.last().unwrap_or(&0));
+            if at.len() != dst.dims.len() || src.dims.len() != dst.dims.len() {
+                return Err(CudaError::InvalidArgument(format!(
+                    "{name}: padding of a tensor of rank {}",
+                    src.dims.len()
+                )));
+            }
             e.steps.push(Step { node: name.clone(), kind: StepKind::Zero { ptr: dst.ptr, bytes: dst.bytes() } });
-            // Rows of c channels land in rows of cp channels; the rest stays zero.
-            let rows = src.numel() / c.max(1);
+            // The source lands at `at` inside the destination; everything else stays zero.
+            let dst_strides = row_major_strides(&dst.dims);
+            let first: i64 = at.iter().zip(&dst_strides).map(|(&a, &s)| a as i64 * s).sum();
             let copy = CopyArgs {
-                dst: dst.ptr,
+                dst: dst.ptr + first as u64 * dst.elem.size() as u64,
                 src: src.ptr,
                 elem_size: src.elem.size(),
-                shape: vec![rows, c],
-                src_strides: vec![c as i64, 1],
-                dst_strides: vec![cp as i64, 1],
+                shape: src.dims.clone(),
+                src_strides: row_major_strides(&src.dims),
+                dst_strides,
             };
             e.steps.push(Step { node: name, kind: StepKind::Copy(copy) });
             Ok(())

@@ -4,7 +4,7 @@
 use kiln_engine::graph::Node;
 use kiln_engine::{Tensor, TensorData};
 
-use super::analysis::DevOp;
+use super::analysis::{DevOp, DevOpKind};
 use super::emit::{Emitter, StepKind, View};
 use crate::CudaError;
 use crate::blas::{Epilogue, GemmArgs, GemmElem, GemmSpec};
@@ -191,7 +191,10 @@ pub(super) fn emit_node(e: &mut Emitter<'_>, node: &Node, op: &DevOp) -> Result<
     }
     match o {
         "Reshape" | "Flatten" | "Squeeze" | "Unsqueeze" | "Identity" => Ok(()),
-        "kiln.FusedConv" => conv(e, node, &views, y),
+        "kiln.FusedConv" => {
+            let prepadded = matches!(op.kind, DevOpKind::Node(i) if e.analysis.prepadded.contains(&i));
+            conv(e, node, &views, y, prepadded)
+        }
         "kiln.Dense" => dense(e, node, &views, y),
         "MatMul" => matmul(e, node, input(0)?, input(1)?, y),
         "kiln.Attention" => attention(e, node, &views, y),
@@ -570,7 +573,8 @@ fn matmul(e: &mut Emitter<'_>, node: &Node, a: &View, b: &View, y: &View) -> Res
     Ok(())
 }
 
-fn conv(e: &mut Emitter<'_>, node: &Node, views: &[Option<View>], y: &View) -> Result<(), CudaError> {
+/// `prepadded`: input 0 already holds the node's padding (see `DevOpKind::Pad`).
+fn conv(e: &mut Emitter<'_>, node: &Node, views: &[Option<View>], y: &View, prepadded: bool) -> Result<(), CudaError> {
     let get = |k: usize| views.get(k).and_then(Option::as_ref);
     let (x, w) = (get(0).ok_or_else(|| bad(node, "X missing"))?, get(1).ok_or_else(|| bad(node, "W missing"))?);
     let layout = layout(node)?;
@@ -583,7 +587,7 @@ fn conv(e: &mut Emitter<'_>, node: &Node, views: &[Option<View>], y: &View) -> R
     let groups = attr(node, node.attrs.int("group", 1))?.max(1) as usize;
     let strides = pair(node, "strides", 1)?;
     let dil = pair(node, "dilations", 1)?;
-    let [pt, pl, pb, pr] = pads4(node)?;
+    let [pt, pl, pb, pr] = if prepadded { [0; 4] } else { pads4(node)? };
     if pt != pb || pl != pr {
         return Err(bad(node, format!("asymmetric padding {:?} (cuDNN pads symmetrically)", [pt, pl, pb, pr])));
     }

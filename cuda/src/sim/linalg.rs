@@ -3,7 +3,7 @@
 use ndarray::linalg::general_mat_mul;
 use ndarray::{Array2, ArrayView2, ShapeBuilder};
 
-use super::{SimMemory, invalid};
+use super::{SimMemory, disjoint, invalid};
 use crate::CudaError;
 use crate::blas::{Epilogue, GemmArgs, GemmElem, GemmSpec};
 use crate::dnn::{ConvAct, ConvArgs, ConvElem, ConvLayout, ConvSpec};
@@ -57,6 +57,13 @@ pub(super) fn gemm(mem: &mut SimMemory, spec: &GemmSpec, args: &GemmArgs) -> Res
     let (count, sa, sb, sc) = spec.batch.map_or((1, 0, 0, 0), |b| (b.count, b.stride_a, b.stride_b, b.stride_c));
     for i in 0..count {
         let at = |p: u64, stride: i64| p.wrapping_add((i as i64 * stride) as u64 * es);
+        let d_span = (at(args.d, sc), span(m, n, ldc) * es as usize);
+        disjoint("GEMM A", (at(args.a, sa), span(ar, ac, lda) * es as usize), d_span)?;
+        disjoint("GEMM B", (at(args.b, sb), span(br, bc, ldb) * es as usize), d_span)?;
+        // C may be D itself (the residual added in place), but not part of it.
+        if let Some(c) = c_ptr.filter(|&c| c != args.d) {
+            disjoint("GEMM C", (at(c, sc), d_span.1), d_span)?;
+        }
         let a = mem.read(at(args.a, sa), elem, span(ar, ac, lda))?;
         let b = mem.read(at(args.b, sb), elem, span(br, bc, ldb))?;
         let mut acc = Array2::<f32>::zeros((m, n).f());
@@ -111,6 +118,13 @@ pub(super) fn conv(mem: &mut SimMemory, spec: &ConvSpec, args: &ConvArgs) -> Res
     };
     let (p, q) = spec.output_hw()?;
     let [xl, wl, yl] = spec.lens()?;
+    let (es, out) = (elem.size(), (args.y, yl * elem.size()));
+    disjoint("convolution input", (args.x, xl * es), out)?;
+    disjoint("convolution filters", (args.w, wl * es), out)?;
+    disjoint("convolution bias", (args.bias, spec.k * es), out)?;
+    if let Some(z) = args.z.filter(|&z| z != args.y) {
+        disjoint("convolution residual", (z, yl * es), out)?;
+    }
     let x = mem.read(args.x, elem, xl)?;
     let w = mem.read(args.w, elem, wl)?;
     let bias = mem.read(args.bias, elem, spec.k)?;
@@ -118,77 +132,164 @@ pub(super) fn conv(mem: &mut SimMemory, spec: &ConvSpec, args: &ConvArgs) -> Res
         Some(z) => mem.read(z, elem, yl)?,
         None => Vec::new(),
     };
-    let (n, c, h, wd, k) = (spec.n, spec.c, spec.h, spec.w, spec.k);
-    let (r, s, groups) = (spec.r, spec.s, spec.groups);
-    let (cg, kg) = (c / groups, k / groups);
-    let taps = r * s * cg;
+    let (k, groups, pq) = (spec.k, spec.groups, p * q);
     let nhwc = spec.layout == ConvLayout::Nhwc;
-    // Element (b, ch, iy, ix) of x, and (b, ch, oy·q + ox) of y, in the layout's order.
-    let xi = |b: usize, ch: usize, iy: usize, ix: usize| {
-        if nhwc { ((b * h + iy) * wd + ix) * c + ch } else { ((b * c + ch) * h + iy) * wd + ix }
-    };
-    let yi =
-        |b: usize, ch: usize, pix: usize| if nhwc { (b * p * q + pix) * k + ch } else { (b * k + ch) * p * q + pix };
     let mut y = vec![0.0f32; yl];
-    let mut col = Array2::<f32>::zeros((p * q, taps));
-    let mut out = Array2::<f32>::zeros((p * q, kg));
-    for b in 0..n {
-        for g in 0..groups {
-            col.fill(0.0);
-            for oy in 0..p {
-                for ox in 0..q {
-                    let row = col.row_mut(oy * q + ox).into_slice().ok_or_else(|| invalid("im2col row"))?;
-                    for ky in 0..r {
-                        let iy = (oy * spec.stride_h + ky * spec.dil_h).wrapping_sub(spec.pad_h);
-                        if iy >= h {
-                            continue;
-                        }
-                        for kx in 0..s {
-                            let ix = (ox * spec.stride_w + kx * spec.dil_w).wrapping_sub(spec.pad_w);
-                            if ix >= wd {
-                                continue;
-                            }
-                            if nhwc {
-                                // OHWI: taps ordered (ky, kx, channel); the channels are contiguous in x.
-                                let at = xi(b, g * cg, iy, ix);
-                                let t = (ky * s + kx) * cg;
-                                row[t..t + cg].copy_from_slice(&x[at..at + cg]);
-                            } else {
-                                // OIHW: taps ordered (channel, ky, kx).
-                                for cc in 0..cg {
-                                    row[(cc * r + ky) * s + kx] = x[xi(b, g * cg + cc, iy, ix)];
-                                }
-                            }
+    if nhwc && spec.c == groups && k == groups {
+        depthwise_nhwc(spec, &x, &w, (p, q), &mut y);
+    } else {
+        for b in 0..spec.n {
+            for g in 0..groups {
+                conv_group(spec, &x, &w, b, g, (p, q), &mut y)?;
+            }
+        }
+    }
+    let act = |v: f32| match spec.act {
+        ConvAct::Identity => v,
+        ConvAct::Relu => EwOp::Relu.apply(v, 0.0, 0.0, 0.0, 0.0),
+        // The fused call applies ReLU and stores y; the clip is a second pass over it.
+        ConvAct::ClippedRelu(ceil) => {
+            let relu = EwOp::Relu.apply(v, 0.0, 0.0, 0.0, 0.0);
+            let stored = if elem == Elem::F16 { half::f16::from_f32(relu).to_f32() } else { relu };
+            EwOp::Clip.apply(stored, 0.0, 0.0, 0.0, ceil as f32)
+        }
+    };
+    let plane = if nhwc { 1 } else { pq };
+    for (i, v) in y.iter_mut().enumerate() {
+        let zv = if z.is_empty() { 0.0 } else { z[i] };
+        *v = act(*v + bias[(i / plane) % k] + zv);
+    }
+    mem.write(args.y, elem, &y)
+}
+
+/// Group `g` of image `b` through im2col and one GEMM, into `y` (the layout's order).
+fn conv_group(
+    spec: &ConvSpec,
+    x: &[f32],
+    w: &[f32],
+    b: usize,
+    g: usize,
+    (p, q): (usize, usize),
+    y: &mut [f32],
+) -> Result<(), CudaError> {
+    let (k, groups) = (spec.k, spec.groups);
+    let (cg, kg, pq) = (spec.c / groups, k / groups, p * q);
+    let taps = spec.r * spec.s * cg;
+    let nhwc = spec.layout == ConvLayout::Nhwc;
+    let wg = ArrayView2::from_shape((kg, taps), &w[g * kg * taps..(g + 1) * kg * taps])
+        .map_err(|e| invalid(format!("filters of group {g}: {e}")))?;
+    if nhwc {
+        // Rows of output pixels × (ky, kx, channel) taps, the OHWI filter order.
+        let col = im2col_nhwc(spec, x, b, g * cg, (p, q))?;
+        let mut out = Array2::<f32>::zeros((pq, kg));
+        general_mat_mul(1.0, &col, &wg.t(), 0.0, &mut out);
+        for (pix, row) in out.rows().into_iter().enumerate() {
+            let at = (b * pq + pix) * k + g * kg;
+            y[at..at + kg].iter_mut().zip(row).for_each(|(y, v)| *y = *v);
+        }
+    } else {
+        // (channel, ky, kx) taps × output pixels, so each filter's result is one NCHW plane.
+        let col = im2col_nchw(spec, x, b, g * cg, (p, q))?;
+        let mut out = Array2::<f32>::zeros((kg, pq));
+        general_mat_mul(1.0, &wg, &col, 0.0, &mut out);
+        let at = (b * k + g * kg) * pq;
+        let vals = out.as_slice().ok_or_else(|| invalid("convolution result is not contiguous"))?;
+        y[at..at + kg * pq].copy_from_slice(vals);
+    }
+    Ok(())
+}
+
+/// A depthwise NHWC convolution (one filter per channel) directly, every channel of a pixel at once.
+fn depthwise_nhwc(spec: &ConvSpec, x: &[f32], w: &[f32], (p, q): (usize, usize), y: &mut [f32]) {
+    let (c, h, wd, taps) = (spec.c, spec.h, spec.w, spec.r * spec.s);
+    // Filters [c, taps] to [taps, c], so that a tap's weights line up with a pixel's channels.
+    let mut wt = vec![0.0f32; taps * c];
+    for ch in 0..c {
+        for t in 0..taps {
+            wt[t * c + ch] = w[ch * taps + t];
+        }
+    }
+    for b in 0..spec.n {
+        for oy in 0..p {
+            for ox in 0..q {
+                let at = ((b * p + oy) * q + ox) * c;
+                let out = &mut y[at..at + c];
+                for ky in 0..spec.r {
+                    let Some(iy) = tap(oy, ky, spec.stride_h, spec.dil_h, spec.pad_h, h) else { continue };
+                    for kx in 0..spec.s {
+                        let Some(ix) = tap(ox, kx, spec.stride_w, spec.dil_w, spec.pad_w, wd) else { continue };
+                        let src = ((b * h + iy) * wd + ix) * c;
+                        let (xs, ws) = (&x[src..src + c], &wt[(ky * spec.s + kx) * c..][..c]);
+                        for ch in 0..c {
+                            out[ch] += xs[ch] * ws[ch];
                         }
                     }
                 }
             }
-            let wg = ArrayView2::from_shape((kg, taps), &w[g * kg * taps..(g + 1) * kg * taps])
-                .map_err(|e| invalid(format!("filters of group {g}: {e}")))?;
-            general_mat_mul(1.0, &col, &wg.t(), 0.0, &mut out);
-            for (pix, vals) in out.rows().into_iter().enumerate() {
-                for (kk, &v) in vals.iter().enumerate() {
-                    y[yi(b, g * kg + kk, pix)] = v;
+        }
+    }
+}
+
+/// Input row and column of output `o` at tap `t`, or `None` in the padding.
+fn tap(o: usize, t: usize, stride: usize, dil: usize, pad: usize, size: usize) -> Option<usize> {
+    (o * stride + t * dil).checked_sub(pad).filter(|&i| i < size)
+}
+
+fn im2col_nhwc(
+    spec: &ConvSpec,
+    x: &[f32],
+    b: usize,
+    c0: usize,
+    (p, q): (usize, usize),
+) -> Result<Array2<f32>, CudaError> {
+    let (c, h, w, cg) = (spec.c, spec.h, spec.w, spec.c / spec.groups);
+    let taps = spec.r * spec.s * cg;
+    let mut col = vec![0.0f32; p * q * taps];
+    for oy in 0..p {
+        for ky in 0..spec.r {
+            let Some(iy) = tap(oy, ky, spec.stride_h, spec.dil_h, spec.pad_h, h) else { continue };
+            for ox in 0..q {
+                for kx in 0..spec.s {
+                    let Some(ix) = tap(ox, kx, spec.stride_w, spec.dil_w, spec.pad_w, w) else { continue };
+                    let src = ((b * h + iy) * w + ix) * c + c0;
+                    let dst = (oy * q + ox) * taps + (ky * spec.s + kx) * cg;
+                    col[dst..dst + cg].copy_from_slice(&x[src..src + cg]);
                 }
             }
         }
     }
-    for (i, v) in y.iter_mut().enumerate() {
-        let ch = if nhwc { i % k } else { (i / (p * q)) % k };
-        *v += bias[ch];
-        if !z.is_empty() {
-            *v += z[i];
-        }
-        *v = match spec.act {
-            ConvAct::Identity => *v,
-            ConvAct::Relu => EwOp::Relu.apply(*v, 0.0, 0.0, 0.0, 0.0),
-            // The fused call applies ReLU and stores; the clip is a second pass over y.
-            ConvAct::ClippedRelu(ceil) => {
-                let relu = EwOp::Relu.apply(*v, 0.0, 0.0, 0.0, 0.0);
-                let stored = if elem == Elem::F16 { half::f16::from_f32(relu).to_f32() } else { relu };
-                EwOp::Clip.apply(stored, 0.0, 0.0, 0.0, ceil as f32)
+    Array2::from_shape_vec((p * q, taps), col).map_err(|e| invalid(format!("im2col: {e}")))
+}
+
+fn im2col_nchw(
+    spec: &ConvSpec,
+    x: &[f32],
+    b: usize,
+    c0: usize,
+    (p, q): (usize, usize),
+) -> Result<Array2<f32>, CudaError> {
+    let (c, h, w, cg) = (spec.c, spec.h, spec.w, spec.c / spec.groups);
+    let mut col = vec![0.0f32; cg * spec.r * spec.s * p * q];
+    for cc in 0..cg {
+        let plane = &x[(b * c + c0 + cc) * h * w..(b * c + c0 + cc + 1) * h * w];
+        for ky in 0..spec.r {
+            for kx in 0..spec.s {
+                let row = &mut col[((cc * spec.r + ky) * spec.s + kx) * p * q..][..p * q];
+                for oy in 0..p {
+                    let Some(iy) = tap(oy, ky, spec.stride_h, spec.dil_h, spec.pad_h, h) else { continue };
+                    let (src, dst) = (&plane[iy * w..(iy + 1) * w], &mut row[oy * q..(oy + 1) * q]);
+                    // Output columns whose tap is inside the row: ix = ox·stride + off.
+                    let (sw, off) = (spec.stride_w as i64, (kx * spec.dil_w) as i64 - spec.pad_w as i64);
+                    let lo = ((-off).max(0) + sw - 1) / sw;
+                    let hi = ((w as i64 - off + sw - 1).max(0) / sw).min(q as i64);
+                    if lo < hi {
+                        let from = (lo * sw + off) as usize;
+                        let taken = src[from..].iter().step_by(spec.stride_w);
+                        dst[lo as usize..hi as usize].iter_mut().zip(taken).for_each(|(d, v)| *d = *v);
+                    }
+                }
             }
-        };
+        }
     }
-    mem.write(args.y, elem, &y)
+    Array2::from_shape_vec((cg * spec.r * spec.s, p * q), col).map_err(|e| invalid(format!("im2col: {e}")))
 }

@@ -2,7 +2,7 @@
 //! the CPU, FP32 throughout, as `softmax.cu`, `layernorm.cu`, `reduce.cu`, `pool.cu` and
 //! `attention.cu` describe them.
 
-use super::{SimMemory, invalid};
+use super::{SimMemory, disjoint, invalid};
 use crate::CudaError;
 use crate::kernels::{
     AttentionArgs, Elem, GlobalPoolArgs, LayerNormArgs, Layout, Pool2dArgs, PoolKind, ReduceArgs, ReduceKind,
@@ -31,7 +31,9 @@ fn softmax_row(row: &mut [f32]) {
 pub(super) fn softmax(mem: &mut SimMemory, a: &SoftmaxArgs) -> Result<(), CudaError> {
     float(a.x_elem, "softmax input")?;
     float(a.y_elem, "softmax output")?;
-    let mut x = mem.read(a.x, a.x_elem, a.rows * a.cols)?;
+    let n = a.rows * a.cols;
+    disjoint("softmax input", (a.x, n * a.x_elem.size()), (a.y, n * a.y_elem.size()))?;
+    let mut x = mem.read(a.x, a.x_elem, n)?;
     if a.cols > 0 {
         x.chunks_exact_mut(a.cols).for_each(softmax_row);
     }
@@ -83,7 +85,9 @@ pub(super) fn reduce(mem: &mut SimMemory, a: &ReduceArgs) -> Result<(), CudaErro
     if a.len == 0 && a.outer * a.inner > 0 {
         return Err(invalid("reduction over an empty axis"));
     }
-    let x = mem.read(a.x, a.x_elem, a.outer * a.len * a.inner)?;
+    let (xn, yn) = (a.outer * a.len * a.inner, a.outer * a.inner);
+    disjoint("reduce input", (a.x, xn * a.x_elem.size()), (a.y, yn * a.y_elem.size()))?;
+    let x = mem.read(a.x, a.x_elem, xn)?;
     let mut y = Vec::with_capacity(a.outer * a.inner);
     for o in 0..a.outer {
         for i in 0..a.inner {
@@ -100,6 +104,32 @@ pub(super) fn reduce(mem: &mut SimMemory, a: &ReduceArgs) -> Result<(), CudaErro
     mem.write(a.y, a.y_elem, &y)
 }
 
+/// Input positions of output `o`'s taps along one axis (`pad` before, `pad_end` after).
+struct Axis {
+    kernel: usize,
+    stride: usize,
+    dil: usize,
+    pad: i64,
+    pad_end: i64,
+    size: usize,
+}
+
+impl Axis {
+    /// Taps inside the input, and taps before the end padding's edge (count_include_pad).
+    fn taps(&self, o: usize, inside: &mut Vec<usize>) -> usize {
+        inside.clear();
+        let mut padded = 0;
+        for t in 0..self.kernel {
+            let i = (o * self.stride + t * self.dil) as i64 - self.pad;
+            padded += usize::from(i < self.size as i64 + self.pad_end);
+            if (0..self.size as i64).contains(&i) {
+                inside.push(i as usize);
+            }
+        }
+        padded
+    }
+}
+
 pub(super) fn pool(mem: &mut SimMemory, a: &Pool2dArgs) -> Result<(), CudaError> {
     float(a.elem, "pool element")?;
     if a.kernel.contains(&0) || a.strides.contains(&0) || a.dilations.contains(&0) {
@@ -111,45 +141,37 @@ pub(super) fn pool(mem: &mut SimMemory, a: &Pool2dArgs) -> Result<(), CudaError>
     let (n, c, h, w) = (a.n, a.c, a.h, a.w);
     let [oh, ow] = a.out;
     let [pt, pl, pb, pr] = a.pads.map(|v| v as i64);
+    let ay = Axis { kernel: a.kernel[0], stride: a.strides[0], dil: a.dilations[0], pad: pt, pad_end: pb, size: h };
+    let ax = Axis { kernel: a.kernel[1], stride: a.strides[1], dil: a.dilations[1], pad: pl, pad_end: pr, size: w };
+    let es = a.elem.size();
+    disjoint("pool input", (a.x, n * c * h * w * es), (a.y, n * c * oh * ow * es))?;
     let x = mem.read(a.x, a.elem, n * c * h * w)?;
     let nhwc = a.layout == Layout::Nhwc;
+    // Element (b, ch, iy, ix) is at base(b, ch) + iy·ystep + ix·xstep.
+    let (ystep, xstep) = if nhwc { (w * c, c) } else { (w, 1) };
+    let is_max = a.kind == PoolKind::Max;
     let mut y = vec![0.0f32; n * c * oh * ow];
-    for b in 0..n {
-        for ch in 0..c {
-            for oy in 0..oh {
-                for ox in 0..ow {
-                    let taps = |o: usize, k: usize, stride: usize, dil: usize, pad: i64| {
-                        (0..k).map(move |t| (o * stride + t * dil) as i64 - pad)
-                    };
-                    let xs = taps(ox, a.kernel[1], a.strides[1], a.dilations[1], pl);
-                    let ys = taps(oy, a.kernel[0], a.strides[0], a.dilations[0], pt);
-                    let inside = |v: i64, size: usize| (0..size as i64).contains(&v);
-                    let is_max = a.kind == PoolKind::Max;
+    let (mut rows, mut cols) = (Vec::new(), Vec::new());
+    for oy in 0..oh {
+        let rows_padded = ay.taps(oy, &mut rows);
+        for ox in 0..ow {
+            let cols_padded = ax.taps(ox, &mut cols);
+            let count = if a.count_include_pad { rows_padded * cols_padded } else { rows.len() * cols.len() };
+            for b in 0..n {
+                for ch in 0..c {
+                    let base = if nhwc { b * h * w * c + ch } else { (b * c + ch) * h * w };
                     let mut acc = if is_max { f32::NEG_INFINITY } else { 0.0 };
-                    for iy in ys.clone().filter(|&v| inside(v, h)) {
-                        for ix in xs.clone().filter(|&v| inside(v, w)) {
-                            let (iy, ix) = (iy as usize, ix as usize);
-                            let v = x[if nhwc {
-                                ((b * h + iy) * w + ix) * c + ch
-                            } else {
-                                ((b * c + ch) * h + iy) * w + ix
-                            }];
-                            if is_max {
-                                if v > acc {
-                                    acc = v;
-                                }
-                            } else {
+                    for &iy in &rows {
+                        for &ix in &cols {
+                            let v = x[base + iy * ystep + ix * xstep];
+                            if !is_max {
                                 acc += v;
+                            } else if v > acc {
+                                acc = v;
                             }
                         }
                     }
                     if !is_max {
-                        let count = if a.count_include_pad {
-                            ys.clone().filter(|&v| v < h as i64 + pb).count()
-                                * xs.clone().filter(|&v| v < w as i64 + pr).count()
-                        } else {
-                            ys.clone().filter(|&v| inside(v, h)).count() * xs.clone().filter(|&v| inside(v, w)).count()
-                        };
                         acc /= count.max(1) as f32;
                     }
                     let at = if nhwc { ((b * oh + oy) * ow + ox) * c + ch } else { ((b * c + ch) * oh + oy) * ow + ox };
@@ -166,6 +188,8 @@ pub(super) fn global_pool(mem: &mut SimMemory, a: &GlobalPoolArgs) -> Result<(),
     if a.spatial == 0 && a.n * a.c > 0 {
         return Err(invalid("global average pool over an empty image"));
     }
+    let es = a.elem.size();
+    disjoint("global pool input", (a.x, a.n * a.c * a.spatial * es), (a.y, a.n * a.c * es))?;
     let x = mem.read(a.x, a.elem, a.n * a.c * a.spatial)?;
     let mut y = Vec::with_capacity(a.n * a.c);
     for b in 0..a.n {
@@ -189,6 +213,11 @@ pub(super) fn attention(mem: &mut SimMemory, a: &AttentionArgs) -> Result<(), Cu
         return Err(invalid(format!("attention scale {} is not finite", a.scale)));
     }
     let (bh, s, sk, d, dv) = (a.batch * a.heads, a.s, a.sk, a.d, a.dv);
+    let es = a.elem.size();
+    let out = (a.y, bh * s * dv * es);
+    disjoint("attention Q", (a.q, bh * s * d * es), out)?;
+    disjoint("attention KT", (a.kt, bh * d * sk * es), out)?;
+    disjoint("attention V", (a.v, bh * sk * dv * es), out)?;
     let q = mem.read(a.q, a.elem, bh * s * d)?;
     let kt = mem.read(a.kt, a.elem, bh * d * sk)?;
     let v = mem.read(a.v, a.elem, bh * sk * dv)?;
@@ -200,7 +229,9 @@ pub(super) fn attention(mem: &mut SimMemory, a: &AttentionArgs) -> Result<(), Cu
             }
             let dims = [a.batch, a.heads, s, sk];
             let hi: i64 = dims.iter().zip(m.strides).map(|(&n, st)| (n.max(1) as i64 - 1) * st).sum();
-            Some((mem.read(m.ptr, m.elem, if bh * s * sk == 0 { 0 } else { hi as usize + 1 })?, m.strides))
+            let len = if bh * s * sk == 0 { 0 } else { hi as usize + 1 };
+            disjoint("attention mask", (m.ptr, len * m.elem.size()), out)?;
+            Some((mem.read(m.ptr, m.elem, len)?, m.strides))
         }
         None => None,
     };

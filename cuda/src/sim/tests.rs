@@ -129,28 +129,34 @@ fn permute(v: &[f32], dims: &[usize], perm: &[usize]) -> Vec<f32> {
 
 #[test]
 fn convolutions_match_a_direct_loop_in_both_layouts() -> Result<(), CudaError> {
-    let mut spec = ConvSpec::new([2, 4, 7, 6], 6, [3, 3], ConvLayout::Nchw, ConvElem::F32);
-    (spec.pad_h, spec.pad_w, spec.stride_h, spec.dil_w, spec.groups, spec.act) = (1, 2, 2, 2, 2, ConvAct::Relu);
-    let [xl, wl, yl] = spec.lens()?;
-    let (x, w, b) = (values(xl, 7), values(wl, 8), values(spec.k, 9));
-    let want = naive_conv(&spec, &x, &w, &b);
-    let (p, q) = spec.output_hw()?;
-    for layout in [ConvLayout::Nchw, ConvLayout::Nhwc] {
-        let nhwc = layout == ConvLayout::Nhwc;
-        let reorder = |v: &[f32], d: [usize; 4]| if nhwc { permute(v, &d, &[0, 2, 3, 1]) } else { v.to_vec() };
-        let mut weights = reorder(&w, [spec.k, spec.c / spec.groups, spec.r, spec.s]);
-        weights.extend(&b);
-        let mut mem = memory(&weights, 4096);
-        mem.write(BASES.arena, Elem::F32, &reorder(&x, [spec.n, spec.c, spec.h, spec.w]))?;
-        let args = ConvArgs {
-            x: BASES.arena,
-            w: BASES.weights,
-            bias: BASES.weights + 4 * wl as u64,
-            z: None,
-            y: BASES.arena + 2048,
-        };
-        run_step(&StepKind::Conv { spec: ConvSpec { layout, ..spec }, args }, &mut mem)?;
-        close(&mem.read(args.y, Elem::F32, yl)?, &reorder(&want, [spec.n, spec.k, p, q]));
+    let mut grouped = ConvSpec::new([2, 4, 7, 6], 6, [3, 3], ConvLayout::Nchw, ConvElem::F32);
+    (grouped.pad_h, grouped.pad_w, grouped.stride_h, grouped.dil_w, grouped.groups) = (1, 2, 2, 2, 2);
+    // Depthwise (one filter per channel) has its own path in NHWC.
+    let mut depthwise = ConvSpec::new([2, 5, 6, 7], 5, [3, 3], ConvLayout::Nchw, ConvElem::F32);
+    (depthwise.pad_h, depthwise.pad_w, depthwise.stride_w, depthwise.groups) = (1, 1, 2, 5);
+    for spec in [grouped, depthwise] {
+        let spec = ConvSpec { act: ConvAct::Relu, ..spec };
+        let [xl, wl, yl] = spec.lens()?;
+        let (x, w, b) = (values(xl, 7), values(wl, 8), values(spec.k, 9));
+        let want = naive_conv(&spec, &x, &w, &b);
+        let (p, q) = spec.output_hw()?;
+        for layout in [ConvLayout::Nchw, ConvLayout::Nhwc] {
+            let nhwc = layout == ConvLayout::Nhwc;
+            let reorder = |v: &[f32], d: [usize; 4]| if nhwc { permute(v, &d, &[0, 2, 3, 1]) } else { v.to_vec() };
+            let mut weights = reorder(&w, [spec.k, spec.c / spec.groups, spec.r, spec.s]);
+            weights.extend(&b);
+            let mut mem = memory(&weights, 4096);
+            mem.write(BASES.arena, Elem::F32, &reorder(&x, [spec.n, spec.c, spec.h, spec.w]))?;
+            let args = ConvArgs {
+                x: BASES.arena,
+                w: BASES.weights,
+                bias: BASES.weights + 4 * wl as u64,
+                z: None,
+                y: BASES.arena + 2048,
+            };
+            run_step(&StepKind::Conv { spec: ConvSpec { layout, ..spec }, args }, &mut mem)?;
+            close(&mem.read(args.y, Elem::F32, yl)?, &reorder(&want, [spec.n, spec.k, p, q]));
+        }
     }
     Ok(())
 }
@@ -162,7 +168,11 @@ fn copies_transpose_and_reject_overruns() -> Result<(), CudaError> {
     let copy = CopyArgs::contiguous(BASES.arena, BASES.weights, 4, &[4, 2, 3], &[own[2], own[0], own[1]]);
     run_step(&StepKind::Copy(copy.clone()), &mut mem)?;
     close(&mem.read(BASES.arena, Elem::F32, 24)?, &permute(&values(24, 10), &[2, 3, 4], &[2, 0, 1]));
-    let over = CopyArgs { shape: vec![5, 2, 3], ..copy };
+    let over = CopyArgs { shape: vec![5, 2, 3], ..copy.clone() };
     assert!(run_step(&StepKind::Copy(over), &mut mem).is_err(), "reads past the weights");
+    // The kernels take their pointers __restrict__: a copy onto its own source is a lowering bug.
+    let onto = CopyArgs { src: BASES.arena + 16, ..copy };
+    let err = run_step(&StepKind::Copy(onto), &mut mem).err().map(|e| e.to_string()).unwrap_or_default();
+    assert!(err.contains("overlaps the output"), "{err}");
     Ok(())
 }

@@ -32,8 +32,10 @@ fn model(name: &str) -> Option<PathBuf> {
 fn plan_of(path: &Path) -> Result<(Graph, Plan), Box<dyn std::error::Error>> {
     let original = import::import_file(path)?;
     let mut profiles = vec![Profile { symbol: "batch".into(), min: 1, opt: 4, max: 8 }];
-    let uses_seq =
-        original.inputs.iter().any(|&i| original.shape(i).is_some_and(|s| s.iter().any(|d| d.symbols().iter().any(|x| x == import::SEQ))));
+    let uses_seq = original
+        .inputs
+        .iter()
+        .any(|&i| original.shape(i).is_some_and(|s| s.iter().any(|d| d.symbols().iter().any(|x| x == import::SEQ))));
     if uses_seq {
         profiles.push(Profile { symbol: import::SEQ.into(), min: 1, opt: 128, max: 128 });
     }
@@ -92,7 +94,10 @@ fn parity(file: &str, bindings: &[&[(&str, usize)]]) -> Res {
     let Some(path) = model(file) else { return Ok(()) };
     let (original, plan) = plan_of(&path)?;
     let with_graphs = Engine::load(plan.clone(), &EngineOptions::default())?;
-    let eager = Engine::load(plan, &EngineOptions { cuda_graphs: false, tactics: TacticMode::Heuristic, ..EngineOptions::default() })?;
+    let eager = Engine::load(
+        plan,
+        &EngineOptions { cuda_graphs: false, tactics: TacticMode::Heuristic, ..EngineOptions::default() },
+    )?;
     let (mut a, mut b) = (with_graphs.context()?, eager.context()?);
     for (k, binding) in bindings.iter().enumerate() {
         let binding: HashMap<String, usize> = binding.iter().map(|(s, n)| ((*s).to_owned(), *n)).collect();
@@ -115,7 +120,11 @@ fn parity(file: &str, bindings: &[&[(&str, usize)]]) -> Res {
             // Replays of one captured graph, and the same steps without a graph, are bit-identical
             // when they use the same tactics; the eager engine used heuristic tactics, so only
             // the graph replay is compared bitwise and the eager one by cosine.
-            assert_eq!(f32s(g2).iter().map(|v| v.to_bits()).collect::<Vec<_>>(), gv.iter().map(|v| v.to_bits()).collect::<Vec<_>>(), "{file}: graph replays differ");
+            assert_eq!(
+                f32s(g2).iter().map(|v| v.to_bits()).collect::<Vec<_>>(),
+                gv.iter().map(|v| v.to_bits()).collect::<Vec<_>>(),
+                "{file}: graph replays differ"
+            );
             assert!(min_row_cosine(&f32s(s), &gv, row) >= 0.999, "{file}: eager run disagrees");
         }
     }
@@ -149,7 +158,10 @@ fn graph_and_eager_runs_with_equal_tactics_are_bit_identical() -> Res {
     let x = inputs(&original, &binding, 3)?;
     let (g, e) = (graphs.context()?.run(&x)?, eager.context()?.run(&x)?);
     for (a, b) in g.iter().zip(&e) {
-        assert_eq!(f32s(a).iter().map(|v| v.to_bits()).collect::<Vec<_>>(), f32s(b).iter().map(|v| v.to_bits()).collect::<Vec<_>>());
+        assert_eq!(
+            f32s(a).iter().map(|v| v.to_bits()).collect::<Vec<_>>(),
+            f32s(b).iter().map(|v| v.to_bits()).collect::<Vec<_>>()
+        );
     }
     Ok(())
 }
@@ -189,7 +201,8 @@ fn tactics_go_to_the_timing_cache_and_are_reused() -> Res {
     let second = Engine::load(plan, &opts)?.context()?.prepare(&x)?;
     let warm = t1.elapsed();
     println!("tactics: {} chosen; cold {cold:?}, with the cache {warm:?}", first.len());
-    let algos = |r: &[kiln_cuda::engine::TacticRecord]| r.iter().map(|t| (t.key.clone(), t.algo.clone())).collect::<Vec<_>>();
+    let algos =
+        |r: &[kiln_cuda::engine::TacticRecord]| r.iter().map(|t| (t.key.clone(), t.algo.clone())).collect::<Vec<_>>();
     assert_eq!(algos(&first), algos(&second), "the cache gives the same choices");
     let _ = std::fs::remove_file(&cache);
     Ok(())
