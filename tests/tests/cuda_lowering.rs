@@ -317,3 +317,40 @@ fn minilm_l6_fp16() -> anyhow::Result<()> {
         .collect();
     check("MiniLM-L6 FP16", &l, &bindings, 2e-2, false)
 }
+
+/// Movement and row ops none of the models above use in this combination:
+/// Transpose, Slice with a negative step, Concat, Softmax, ReduceMean and a
+/// broadcast Add, in FP32 and FP16.
+#[test]
+fn movement_and_row_ops() -> anyhow::Result<()> {
+    use kiln_engine::graph::{Attr, Dim, Node, ValueType};
+    use kiln_engine::{Tensor as T, TensorData};
+    let mut g = Graph::new("movement", 17);
+    let b = Dim::sym("batch");
+    let ty = |dims: Vec<Dim>| Some(ValueType::new(DType::F32, dims));
+    let f = |n: i64| Dim::fixed(n);
+    let x = g.add_value("x", ty(vec![b.clone(), f(6), f(8)]));
+    let t = g.add_value("t", ty(vec![b.clone(), f(8), f(6)]));
+    let s = g.add_value("s", ty(vec![b.clone(), f(4), f(6)]));
+    let c = g.add_value("c", ty(vec![b.clone(), f(4), f(12)]));
+    let sm = g.add_value("sm", ty(vec![b.clone(), f(4), f(12)]));
+    let r = g.add_value("r", ty(vec![b.clone(), f(4), f(1)]));
+    let y = g.add_value("y", ty(vec![b, f(4), f(12)]));
+    let ints = |v: Vec<i64>| T::new(vec![v.len()], TensorData::I64(v));
+    let starts = g.add_constant("starts", ints(vec![7])?);
+    let ends = g.add_constant("ends", ints(vec![-100])?);
+    let axes = g.add_constant("axes", ints(vec![1])?);
+    let steps = g.add_constant("steps", ints(vec![-2])?);
+    g.nodes = vec![
+        Node::new("t", "Transpose", vec![Some(x)], vec![t]).with_attr("perm", Attr::Ints(vec![0, 2, 1])),
+        Node::new("s", "Slice", vec![Some(t), Some(starts), Some(ends), Some(axes), Some(steps)], vec![s]),
+        Node::new("c", "Concat", vec![Some(s), Some(s)], vec![c]).with_attr("axis", Attr::Int(2)),
+        Node::new("sm", "Softmax", vec![Some(c)], vec![sm]).with_attr("axis", Attr::Int(-1)),
+        Node::new("r", "ReduceMean", vec![Some(sm)], vec![r]).with_attr("axes", Attr::Ints(vec![2])),
+        Node::new("y", "Add", vec![Some(sm), Some(r)], vec![y]),
+    ];
+    g.inputs = vec![x];
+    g.outputs = vec![y];
+    check("movement FP32", &lower(g.clone(), Precision::F32)?, &batches(), 1e-5, false)?;
+    check("movement FP16", &lower(g, Precision::F16)?, &batches(), 2e-2, false)
+}

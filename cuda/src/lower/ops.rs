@@ -70,6 +70,7 @@ pub fn supported(op: &str) -> bool {
                 | "Gather"
                 | "Transpose"
                 | "Expand"
+                | "Slice"
                 | "Concat"
                 | "Cast"
                 | "Where"
@@ -296,6 +297,7 @@ pub(super) fn emit_node(e: &mut Emitter<'_>, node: &Node, op: &DevOp) -> Result<
             e.push(node, StepKind::Copy(CopyArgs::contiguous(y.ptr, x.ptr, x.elem.size(), &y.dims, &s)));
             Ok(())
         }
+        "Slice" => slice(e, node, input(0)?, y),
         "Concat" => {
             let rank = y.dims.len();
             let axis = norm_axis(node, attr(node, node.attrs.int("axis", 0))?, rank)?;
@@ -320,6 +322,49 @@ pub(super) fn emit_node(e: &mut Emitter<'_>, node: &Node, op: &DevOp) -> Result<
         }
         other => Err(bad(node, format!("{other} is not implemented on the GPU"))),
     }
+}
+
+fn ints_of(t: &Tensor) -> Option<Vec<i64>> {
+    match t.data() {
+        TensorData::I64(v) => Some(v.clone()),
+        TensorData::I32(v) => Some(v.iter().map(|&x| i64::from(x)).collect()),
+        _ => None,
+    }
+}
+
+/// Slice with constant starts/axes/steps as one strided copy (the output's
+/// extent is already inferred, so the ends are not needed).
+fn slice(e: &mut Emitter<'_>, node: &Node, x: &View, y: &View) -> Result<(), CudaError> {
+    let rank = x.dims.len();
+    let konst = |k: usize| -> Result<Option<Vec<i64>>, CudaError> {
+        match (node.input(k), e.constant(node, k)) {
+            (None, _) => Ok(None),
+            (Some(_), Some(t)) => ints_of(t).map(Some).ok_or_else(|| bad(node, "slice parameters must be integers")),
+            (Some(_), None) => Err(bad(node, "slice parameters computed at run time are not supported on the GPU")),
+        }
+    };
+    let starts = konst(1)?.ok_or_else(|| bad(node, "starts missing"))?;
+    let axes: Vec<usize> = match konst(3)? {
+        Some(a) => a.iter().map(|&a| norm_axis(node, a, rank)).collect::<Result<_, _>>()?,
+        None => (0..starts.len()).collect(),
+    };
+    let steps = konst(4)?.unwrap_or_else(|| vec![1; starts.len()]);
+    if axes.len() != starts.len() || steps.len() != starts.len() || steps.contains(&0) {
+        return Err(bad(node, "starts, axes and steps disagree"));
+    }
+    let own = row_major_strides(&x.dims);
+    let mut strides = own.clone();
+    let mut offset = 0i64;
+    for ((&a, &s0), &step) in axes.iter().zip(&starts).zip(&steps) {
+        let dim = x.dims[a] as i64;
+        let s = if s0 < 0 { s0 + dim } else { s0 };
+        let s = if step > 0 { s.clamp(0, dim) } else { s.clamp(0, dim - 1) };
+        offset += s * own[a];
+        strides[a] = own[a] * step;
+    }
+    let src = x.ptr.wrapping_add((offset * x.elem.size() as i64) as u64);
+    e.push(node, StepKind::Copy(CopyArgs::contiguous(y.ptr, src, x.elem.size(), &y.dims, &strides)));
+    Ok(())
 }
 
 fn scalar(t: &Tensor) -> Option<f32> {
