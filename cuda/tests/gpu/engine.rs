@@ -2,9 +2,10 @@
 //! MiniLM-L6 and ResNet-50 against the FP32 reference executor, CUDA-graph and
 //! step-by-step replays bit-identical, tactics recorded, bad input refused.
 //!
-//! Models come from `$KILN_GPU_MODELS` (scripts/gpu-check stages
-//! `efficientnet-lite0.onnx`, `minilm-l6.onnx` and exports `resnet50.onnx`);
-//! a missing file skips that model with a printed reason.
+//! Models come from the directories of `$KILN_GPU_MODELS` (colon-separated;
+//! scripts/gpu-check stages `efficientnet-lite0.onnx` and `minilm-l6-int8.onnx`
+//! and exports `resnet50.onnx` and `bert-base.onnx` with the GPU machine's
+//! torch); a missing file skips that model with a printed reason.
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
@@ -19,14 +20,12 @@ use kiln_engine::{DType, Tensor, TensorData, import};
 type Res = Result<(), Box<dyn std::error::Error>>;
 
 fn model(name: &str) -> Option<PathBuf> {
-    let dir = std::env::var_os("KILN_GPU_MODELS").map(PathBuf::from)?;
-    let p = dir.join(name);
-    if p.is_file() {
-        Some(p)
-    } else {
-        println!("skipped {name}: not in {}", dir.display());
-        None
+    let dirs = std::env::var_os("KILN_GPU_MODELS").unwrap_or_default();
+    let found = std::env::split_paths(&dirs).map(|d| d.join(name)).find(|p| p.is_file());
+    if found.is_none() {
+        println!("skipped {name}: not in $KILN_GPU_MODELS ({})", dirs.to_string_lossy());
     }
+    found
 }
 
 fn plan_of(path: &Path) -> Result<(Graph, Plan), Box<dyn std::error::Error>> {
@@ -138,7 +137,12 @@ fn efficientnet_lite0_fp16_matches_fp32_reference() -> Res {
 
 #[test]
 fn minilm_l6_fp16_matches_fp32_reference() -> Res {
-    parity("minilm-l6.onnx", &[&[("batch", 1), ("seq", 128)], &[("batch", 8), ("seq", 37)]])
+    parity("minilm-l6-int8.onnx", &[&[("batch", 1), ("seq", 128)], &[("batch", 8), ("seq", 37)]])
+}
+
+#[test]
+fn bert_base_fp16_matches_fp32_reference() -> Res {
+    parity("bert-base.onnx", &[&[("batch", 1), ("seq", 128)], &[("batch", 8), ("seq", 128)]])
 }
 
 #[test]
