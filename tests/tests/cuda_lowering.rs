@@ -14,7 +14,7 @@ use anyhow::{Context, anyhow, bail, ensure};
 use kiln_cuda::lower::{Analysis, Bases, Binding, Step, StepKind, Storage, emit, tensor_bytes, tensor_from_bytes};
 use kiln_cuda::sim::{self, SimMemory};
 use kiln_engine::builder::{BuildOptions, build};
-use kiln_engine::graph::{Attr, Graph, Precision, ValueId, eval_shape};
+use kiln_engine::graph::{Graph, Precision, ValueId, eval_shape};
 use kiln_engine::plan::Profile;
 use kiln_engine::reference::{RunOptions, run};
 use kiln_engine::verify::sample_inputs;
