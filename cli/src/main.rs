@@ -1,4 +1,5 @@
 mod build;
+mod perf;
 
 use std::io::Write;
 use std::net::{IpAddr, SocketAddr};
@@ -29,6 +30,9 @@ enum Command {
     Build(Box<build::BuildArgs>),
     /// Summarise an ONNX model or a kiln plan: inputs, outputs, op counts, weights.
     Inspect(build::InspectArgs),
+    /// Measure a plan on the CUDA engine (like trtexec's run half): throughput, latency
+    /// percentiles and the H2D / compute / D2H split per batch size, over several streams.
+    Perf(Box<perf::PerfArgs>),
 }
 
 #[derive(Args, Debug)]
@@ -97,6 +101,7 @@ fn main() -> anyhow::Result<()> {
         }
         Command::Build(args) => build::build(&args),
         Command::Inspect(args) => build::inspect(&args),
+        Command::Perf(args) => perf::perf(&args),
     }
 }
 
