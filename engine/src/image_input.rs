@@ -21,7 +21,9 @@ impl Uint8Input {
     /// From the `(pixel − mean) / std` form.
     pub fn from_mean_std(mean: [f32; 3], std: [f32; 3]) -> Result<Self, GraphError> {
         if std.iter().any(|s| !s.is_finite() || *s == 0.0) || mean.iter().any(|m| !m.is_finite()) {
-            return Err(GraphError::Invalid(format!("uint8 input: mean {mean:?} / std {std:?} must be finite, std non-zero")));
+            return Err(GraphError::Invalid(format!(
+                "uint8 input: mean {mean:?} / std {std:?} must be finite, std non-zero"
+            )));
         }
         Ok(Self { scale: std.map(|s| 1.0 / s), offset: [0, 1, 2].map(|c| -mean[c] / std[c]) })
     }
@@ -56,7 +58,11 @@ pub fn apply(graph: &mut Graph, norm: &Uint8Input) -> Result<(), GraphError> {
     let old = graph.inputs[*k];
     let name = graph.values[old].name.clone();
     let shape = graph.shape(old).cloned().ok_or_else(|| err("image input has no shape".into()))?;
-    let nhwc: Vec<Dim> = if *nchw { vec![shape[0].clone(), shape[2].clone(), shape[3].clone(), shape[1].clone()] } else { shape.clone() };
+    let nhwc: Vec<Dim> = if *nchw {
+        vec![shape[0].clone(), shape[2].clone(), shape[3].clone(), shape[1].clone()]
+    } else {
+        shape.clone()
+    };
 
     // The old input value stays (its id is what consumers read) but is now produced by nodes.
     let renamed = graph.fresh_name(&format!("{name}_normalised"));
@@ -97,9 +103,16 @@ mod tests {
     fn model() -> Graph {
         let mut g = Graph::new("m", 17);
         let batch = Dim::sym("batch");
-        let x = g.add_value("image", Some(ValueType::new(DType::F32, vec![batch.clone(), Dim::fixed(3), Dim::fixed(4), Dim::fixed(5)])));
-        let w = g.add_constant("w", Tensor::new(vec![2, 3, 1, 1], TensorData::F32(vec![0.5, -1.0, 2.0, 1.0, 0.25, -0.5])).expect("w"));
-        let y = g.add_value("y", Some(ValueType::new(DType::F32, vec![batch, Dim::fixed(2), Dim::fixed(4), Dim::fixed(5)])));
+        let x = g.add_value(
+            "image",
+            Some(ValueType::new(DType::F32, vec![batch.clone(), Dim::fixed(3), Dim::fixed(4), Dim::fixed(5)])),
+        );
+        let w = g.add_constant(
+            "w",
+            Tensor::new(vec![2, 3, 1, 1], TensorData::F32(vec![0.5, -1.0, 2.0, 1.0, 0.25, -0.5])).expect("w"),
+        );
+        let y = g
+            .add_value("y", Some(ValueType::new(DType::F32, vec![batch, Dim::fixed(2), Dim::fixed(4), Dim::fixed(5)])));
         g.nodes.push(Node::new("conv", "Conv", vec![Some(x), Some(w)], vec![y]));
         g.inputs.push(x);
         g.outputs.push(y);
@@ -117,7 +130,8 @@ mod tests {
         assert_eq!(g.shape(g.inputs[0]).map(|s| s[3].clone()), Some(Dim::fixed(3)));
 
         let pixels: Vec<u8> = (0..2 * 4 * 5 * 3).map(|i| (i * 37 % 256) as u8).collect();
-        let raw = Tensor::new(vec![2, 4, 5, 3], TensorData::U8(pixels.clone())).map_err(|e| GraphError::Invalid(e.to_string()))?;
+        let raw = Tensor::new(vec![2, 4, 5, 3], TensorData::U8(pixels.clone()))
+            .map_err(|e| GraphError::Invalid(e.to_string()))?;
         // The same pixels normalised on the host, NCHW.
         let mut float = vec![0f32; pixels.len()];
         for n in 0..2 {
@@ -130,7 +144,8 @@ mod tests {
                 }
             }
         }
-        let float = Tensor::new(vec![2, 3, 4, 5], TensorData::F32(float)).map_err(|e| GraphError::Invalid(e.to_string()))?;
+        let float =
+            Tensor::new(vec![2, 3, 4, 5], TensorData::F32(float)).map_err(|e| GraphError::Invalid(e.to_string()))?;
         let want = run(&original, &[float], RunOptions::default())?;
         let got = run(&g, &[raw], RunOptions::default())?;
         let (TensorData::F32(a), TensorData::F32(b)) = (got[0].data(), want[0].data()) else {

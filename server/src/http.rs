@@ -269,7 +269,8 @@ async fn prepare(model: &Arc<Model>, files: Vec<Bytes>) -> Result<ModelInput, Ap
         let classifier = classifier(&model)?;
         let item = classifier.preprocess.item_len();
         let multiple = files.len() > 1;
-        let decode = |i: usize, bytes: &Bytes| preprocess::decode(bytes).map_err(|e| image_error(e, multiple.then_some(i)));
+        let decode =
+            |i: usize, bytes: &Bytes| preprocess::decode(bytes).map_err(|e| image_error(e, multiple.then_some(i)));
         let data = if classifier.preprocess.is_uint8() {
             let mut data = vec![0u8; files.len() * item];
             for (i, (bytes, out)) in files.iter().zip(data.chunks_exact_mut(item)).enumerate() {
