@@ -16,9 +16,15 @@ pub struct CudaBackend {
 }
 
 impl CudaBackend {
-    /// A backend on a new execution context of `engine`.
+    /// A backend on a new execution context of `engine`, with every batch
+    /// bucket prepared when the engine uses buckets.
     pub fn new(engine: &Arc<Engine>) -> Result<Self, CudaError> {
-        Ok(Self { ctx: engine.context()? })
+        let mut ctx = engine.context()?;
+        let prepared = ctx.prepare_buckets()?;
+        if prepared > 0 {
+            tracing::info!(buckets = prepared, "CUDA graphs captured for every batch bucket");
+        }
+        Ok(Self { ctx })
     }
 }
 

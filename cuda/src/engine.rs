@@ -51,11 +51,20 @@ pub struct EngineOptions {
     pub timing_cache: Option<PathBuf>,
     /// Largest batch a context accepts; `None`: the plan's `batch` profile max.
     pub max_batch: Option<usize>,
+    /// Run each batch padded to the next power of two (see [`crate::buckets`]).
+    pub batch_buckets: bool,
 }
 
 impl Default for EngineOptions {
     fn default() -> Self {
-        Self { device: 0, cuda_graphs: true, tactics: TacticMode::Time, timing_cache: None, max_batch: None }
+        Self {
+            device: 0,
+            cuda_graphs: true,
+            tactics: TacticMode::Time,
+            timing_cache: None,
+            max_batch: None,
+            batch_buckets: false,
+        }
     }
 }
 
@@ -422,8 +431,52 @@ impl ExecutionContext {
         Ok(self.instances.get(&key).map(|i| i.tactics.clone()).unwrap_or_default())
     }
 
+    /// Prepares every batch bucket (see [`crate::buckets`]) when batch is the
+    /// plan's only dynamic size, so that no request pays for tactic timing or
+    /// a graph capture; returns how many bindings were prepared.
+    pub fn prepare_buckets(&mut self) -> Result<usize, CudaError> {
+        let engine = Arc::clone(&self.engine);
+        if !engine.opts.batch_buckets || engine.symbols.len() != 1 || engine.symbols[0].0 != "batch" {
+            return Ok(0);
+        }
+        let buckets = crate::buckets::all(engine.max_batch());
+        for &b in &buckets {
+            let binding: Binding = [("batch".to_owned(), b)].into();
+            let g = &engine.graph;
+            let inputs = g
+                .inputs
+                .iter()
+                .map(|&v| {
+                    let ty = g.values[v].ty.as_ref();
+                    let dims =
+                        ty.and_then(|t| t.shape.as_ref()).and_then(|s| kiln_engine::graph::eval_shape(s, &binding));
+                    match (ty, dims) {
+                        (Some(t), Some(d)) => {
+                            Tensor::zeros(t.dtype, d).map_err(|e| CudaError::InvalidArgument(e.to_string()))
+                        }
+                        _ => Err(CudaError::InvalidArgument(format!("input {} has no bound shape", g.values[v].name))),
+                    }
+                })
+                .collect::<Result<Vec<_>, _>>()?;
+            self.prepare(&inputs)?;
+        }
+        Ok(buckets.len())
+    }
+
     /// [`ExecutionContext::run`], also returning the H2D / compute / D2H split.
     pub fn run_timed(&mut self, inputs: &[Tensor]) -> Result<(Vec<Tensor>, StageTimes), CudaError> {
+        let n = inputs.first().map_or(1, Tensor::batch);
+        let bucketed = self.engine.opts.batch_buckets && self.engine.symbols.iter().any(|(s, _)| s == "batch");
+        let to = if bucketed { crate::buckets::bucket(n, self.engine.max_batch()) } else { n };
+        if to != n && inputs.iter().all(|t| t.batch() == n) {
+            let padded = crate::buckets::pad(inputs, to)?;
+            let (outputs, times) = self.run_exact(&padded)?;
+            return Ok((crate::buckets::trim(outputs, n)?, times));
+        }
+        self.run_exact(inputs)
+    }
+
+    fn run_exact(&mut self, inputs: &[Tensor]) -> Result<(Vec<Tensor>, StageTimes), CudaError> {
         let engine = Arc::clone(&self.engine);
         engine.device.gpu().ctx.bind_to_thread().map_err(CudaError::driver("bind context"))?;
         let (binding, key) = engine.binding(inputs)?;

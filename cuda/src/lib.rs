@@ -10,6 +10,7 @@
 
 pub mod backend;
 pub mod blas;
+pub mod buckets;
 pub mod device;
 pub mod dnn;
 pub mod engine;

@@ -259,6 +259,8 @@ fn cuda_engine(dir: &Path, version: u64, config: &ModelConfig) -> Result<Arc<kil
     };
     let opts = kiln_cuda::engine::EngineOptions {
         timing_cache: Some(vdir.join("timing.cache")),
+        // Batches of every size arrive: run them in power-of-two buckets, all prepared at load.
+        batch_buckets: true,
         ..kiln_cuda::engine::EngineOptions::default()
     };
     kiln_cuda::engine::Engine::load(plan, &opts).map_err(|e| fail(e.to_string()))
