@@ -172,6 +172,8 @@ fn run(args: &PerfArgs) -> anyhow::Result<()> {
         },
         timing_cache: args.timing_cache.clone(),
         max_batch: None,
+        // kiln perf measures exactly the batch sizes asked for.
+        batch_buckets: false,
     };
     let loaded = Instant::now();
     let engine = Engine::load_file(&args.plan, &opts)

@@ -426,6 +426,7 @@ impl ExecutionContext {
     /// Lowers, binds and (with CUDA graphs) captures the binding of `inputs`
     /// without running it; returns the tactics chosen for it.
     pub fn prepare(&mut self, inputs: &[Tensor]) -> Result<Vec<TacticRecord>, CudaError> {
+        self.engine.device.gpu().ctx.bind_to_thread().map_err(CudaError::driver("bind context"))?;
         let (binding, key) = self.engine.binding(inputs)?;
         self.instance(&binding, &key)?;
         Ok(self.instances.get(&key).map(|i| i.tactics.clone()).unwrap_or_default())
@@ -694,7 +695,10 @@ impl ExecutionContext {
             return Ok(i);
         }
         if count <= 1 || engine.opts.tactics == TacticMode::Heuristic {
-            return Ok(0);
+            // The first candidate that fits the workspace (cuDNN lists its heuristic's first).
+            return ids.iter().position(|id| !id.is_empty()).ok_or_else(|| {
+                CudaError::InvalidArgument(format!("{node}: no candidate fits the workspace for {what}"))
+            });
         }
         let time = |i: usize| -> Result<f64, CudaError> {
             run(self, i)?;

@@ -580,11 +580,13 @@ fn dense(e: &mut Emitter<'_>, node: &Node, views: &[Option<View>], y: &View) -> 
     if residual_fused {
         spec = spec.with_residual();
     }
-    // The epilogue applies after the residual, as kiln.Dense does: act(A·W + B + Z).
-    if let [(EwOp::Relu, _, _)] = act.as_slice() {
+    // The epilogue applies after the residual, as kiln.Dense does: act(A·W + B + Z);
+    // a residual added afterwards (broadcast) keeps the activation after it too.
+    let fuse_act = z.is_none() || residual_fused;
+    if fuse_act && let [(EwOp::Relu, _, _)] = act.as_slice() {
         spec = spec.with_epilogue(Epilogue::Relu);
         act.clear();
-    } else if let [(EwOp::GeluTanh, _, _)] = act.as_slice() {
+    } else if fuse_act && let [(EwOp::GeluTanh, _, _)] = act.as_slice() {
         spec = spec.with_epilogue(Epilogue::Gelu);
         act.clear();
     }
@@ -651,7 +653,9 @@ fn conv(e: &mut Emitter<'_>, node: &Node, views: &[Option<View>], y: &View, prep
         if residual {
             spec = spec.with_residual();
         }
-        if let [(EwOp::Relu, _, _)] = act.as_slice() {
+        if (z.is_none() || residual)
+            && let [(EwOp::Relu, _, _)] = act.as_slice()
+        {
             spec = spec.with_epilogue(Epilogue::Relu);
             act.clear();
         }
@@ -681,7 +685,9 @@ fn conv(e: &mut Emitter<'_>, node: &Node, views: &[Option<View>], y: &View, prep
     spec.groups = groups;
     let residual = z.is_some_and(|z| z.dims == y.dims && z.elem == y.elem);
     spec.residual = residual;
+    let fuse_act = z.is_none() || residual;
     match act.as_slice() {
+        _ if !fuse_act => {}
         [(EwOp::Relu, _, _)] => {
             spec.act = ConvAct::Relu;
             act.clear();
