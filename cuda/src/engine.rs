@@ -413,6 +413,16 @@ impl std::fmt::Debug for ExecutionContext {
     }
 }
 
+impl Drop for ExecutionContext {
+    /// Waits for the stream and destroys the graphs (which reference the arena,
+    /// the weights and the kernel modules) before anything they use is freed.
+    fn drop(&mut self) {
+        let _ = self.engine.device.gpu().ctx.bind_to_thread();
+        let _ = self.stream.synchronize();
+        self.instances.clear();
+    }
+}
+
 impl ExecutionContext {
     pub fn engine(&self) -> &Arc<Engine> {
         &self.engine
@@ -511,21 +521,27 @@ impl ExecutionContext {
         }
         let timing = Some(CUevent_flags::CU_EVENT_DEFAULT);
         let ev = |s: &CudaStream| s.record_event(timing).map_err(CudaError::driver("record event"));
-        let e0 = ev(&self.stream)?;
-        let staging = self.upload.as_slice().map_err(CudaError::driver("pinned upload buffer"))?;
-        for &(off, len) in &copies {
-            mem::htod(&self.stream, &staging[off..off + len], self.arena.at(off, len)?, len)?;
-        }
-        let e1 = ev(&self.stream)?;
-        self.launch(&key)?;
-        let e2 = ev(&self.stream)?;
-        let (off, len) = (a.download_offset, a.download_bytes);
-        if len > 0 {
-            let dst = self.download.as_mut_slice().map_err(CudaError::driver("pinned download buffer"))?;
-            mem::dtoh(&self.stream, self.arena.at(off, len)?, len, &mut dst[..len])?;
-        }
-        let e3 = ev(&self.stream)?;
-        e3.synchronize().map_err(CudaError::driver("run"))?;
+        let enqueued = (|| {
+            let e0 = ev(&self.stream)?;
+            let staging = self.upload.as_slice().map_err(CudaError::driver("pinned upload buffer"))?;
+            for &(off, len) in &copies {
+                mem::htod(&self.stream, &staging[off..off + len], self.arena.at(off, len)?, len)?;
+            }
+            let e1 = ev(&self.stream)?;
+            self.launch(&key)?;
+            let e2 = ev(&self.stream)?;
+            let (off, len) = (a.download_offset, a.download_bytes);
+            if len > 0 {
+                let dst = self.download.as_mut_slice().map_err(CudaError::driver("pinned download buffer"))?;
+                mem::dtoh(&self.stream, self.arena.at(off, len)?, len, &mut dst[..len])?;
+            }
+            let e3 = ev(&self.stream)?;
+            Ok::<_, CudaError>((e0, e1, e2, e3))
+        })();
+        // Whatever was queued finishes before the pinned buffers can be rewritten.
+        let synced = self.stream.synchronize().map_err(CudaError::driver("run"));
+        let (e0, e1, e2, e3) = enqueued?;
+        synced?;
         let ms =
             |x: &cudarc::driver::CudaEvent, y| x.elapsed_ms(y).map(f64::from).map_err(CudaError::driver("event time"));
         let times = StageTimes { h2d_ms: ms(&e0, &e1)?, compute_ms: ms(&e1, &e2)?, d2h_ms: ms(&e2, &e3)? };
@@ -666,6 +682,10 @@ impl ExecutionContext {
             };
             bound.push((step.node, b));
         }
+        // One eager pass first: one-time library setup (cuDNN plans, lazy module loading)
+        // must not happen inside stream capture, and step errors surface here, named.
+        self.enqueue(&bound)?;
+        self.stream.synchronize().map_err(CudaError::driver("first run of a binding"))?;
         let graph = if engine.opts.cuda_graphs { self.capture(&bound)? } else { None };
         if let Err(e) = engine.save_timing_cache() {
             tracing::warn!(error = %e, "timing cache not saved");
