@@ -14,27 +14,8 @@
 // Grid (ceil(S / 16), H, B), 128 threads, dynamic shared memory 4 * (16 D + 32 D + 32 Dv + 512)
 // bytes (at most 42 KiB for D = Dv = 128, under the 48 KiB default).
 //
-// No includes: NVRTC has no include path here, so FP16 is its bits and one PTX cvt each way.
+// f16, to_f32/from_f32, NEG_INF and warp_sum come from common.cuh (prepended by sources.rs).
 
-struct f16 {
-    unsigned short bits;
-};
-
-__device__ __forceinline__ float to_f32(float x) { return x; }
-__device__ __forceinline__ float to_f32(f16 h) {
-    float f;
-    asm("cvt.f32.f16 %0, %1;" : "=f"(f) : "h"(h.bits));
-    return f;
-}
-template <typename T> __device__ __forceinline__ T from_f32(float x);
-template <> __device__ __forceinline__ float from_f32<float>(float x) { return x; }
-template <> __device__ __forceinline__ f16 from_f32<f16>(float x) {
-    f16 h;
-    asm("cvt.rn.f16.f32 %0, %1;" : "=h"(h.bits) : "f"(x));
-    return h;
-}
-
-#define NEG_INF __int_as_float(0xff800000)
 #define WARPS 4
 #define QW 4                // queries per warp
 #define QB (WARPS * QW)     // queries per block
@@ -59,12 +40,6 @@ __device__ __forceinline__ float max_nan(float a, float b) {
 __device__ __forceinline__ float warp_max(float v) {
 #pragma unroll
     for (int o = 16; o > 0; o >>= 1) v = max_nan(v, __shfl_xor_sync(0xffffffffu, v, o));
-    return v;
-}
-
-__device__ __forceinline__ float warp_sum(float v) {
-#pragma unroll
-    for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
     return v;
 }
 

@@ -8,23 +8,7 @@
 // Element codes (Elem in cuda/src/kernels/mod.rs): F32=0 F16=1 I64=2 I32=3 U8=4.
 // One launch = one type pair: the switch on the codes sits outside the grid-stride loop.
 //
-// No includes: NVRTC has no include path here, so FP16 is its bits and one PTX cvt each way.
-
-struct f16 {
-    unsigned short bits;
-};
-
-__device__ __forceinline__ float h2f(f16 h) {
-    float f;
-    asm("cvt.f32.f16 %0, %1;" : "=f"(f) : "h"(h.bits));
-    return f;
-}
-
-__device__ __forceinline__ f16 f2h(float x) {
-    f16 h;
-    asm("cvt.rn.f16.f32 %0, %1;" : "=h"(h.bits) : "f"(x));
-    return h;
-}
+// f16, to_f32/from_f32, NEG_INF and warp_sum come from common.cuh (prepended by sources.rs).
 
 // cvt to an integer type saturates and maps NaN to 0 — exactly Rust's `f32 as i64`.
 __device__ __forceinline__ long long f2ll(float x) {
@@ -35,7 +19,7 @@ __device__ __forceinline__ long long f2ll(float x) {
 
 template <typename D> __device__ __forceinline__ D from_float(float x, int boolean);
 template <> __device__ __forceinline__ float from_float<float>(float x, int) { return x; }
-template <> __device__ __forceinline__ f16 from_float<f16>(float x, int) { return f2h(x); }
+template <> __device__ __forceinline__ f16 from_float<f16>(float x, int) { return from_f32<f16>(x); }
 template <> __device__ __forceinline__ long long from_float<long long>(float x, int) { return f2ll(x); }
 template <> __device__ __forceinline__ int from_float<int>(float x, int) { return (int)f2ll(x); }
 template <> __device__ __forceinline__ unsigned char from_float<unsigned char>(float x, int boolean) {
@@ -44,7 +28,7 @@ template <> __device__ __forceinline__ unsigned char from_float<unsigned char>(f
 
 template <typename D> __device__ __forceinline__ D from_int(long long x, int boolean);
 template <> __device__ __forceinline__ float from_int<float>(long long x, int) { return (float)x; }
-template <> __device__ __forceinline__ f16 from_int<f16>(long long x, int) { return f2h((float)x); }
+template <> __device__ __forceinline__ f16 from_int<f16>(long long x, int) { return from_f32<f16>((float)x); }
 template <> __device__ __forceinline__ long long from_int<long long>(long long x, int) { return x; }
 template <> __device__ __forceinline__ int from_int<int>(long long x, int) { return (int)x; }
 template <> __device__ __forceinline__ unsigned char from_int<unsigned char>(long long x, int boolean) {
@@ -52,7 +36,7 @@ template <> __device__ __forceinline__ unsigned char from_int<unsigned char>(lon
 }
 
 template <typename D> __device__ __forceinline__ D convert(float x, int b) { return from_float<D>(x, b); }
-template <typename D> __device__ __forceinline__ D convert(f16 x, int b) { return from_float<D>(h2f(x), b); }
+template <typename D> __device__ __forceinline__ D convert(f16 x, int b) { return from_float<D>(to_f32(x), b); }
 template <typename D> __device__ __forceinline__ D convert(long long x, int b) { return from_int<D>(x, b); }
 template <typename D> __device__ __forceinline__ D convert(int x, int b) { return from_int<D>((long long)x, b); }
 template <typename D> __device__ __forceinline__ D convert(unsigned char x, int b) {

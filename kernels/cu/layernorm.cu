@@ -9,25 +9,7 @@
 // when there is one). Each element is read and written by one thread only, so y may alias x and
 // sum_out may alias x or residual (in-place residual stream); hence no __restrict__.
 //
-// No includes: NVRTC has no include path here, so FP16 is its bits and one PTX cvt each way.
-
-struct f16 {
-    unsigned short bits;
-};
-
-__device__ __forceinline__ float to_f32(float x) { return x; }
-__device__ __forceinline__ float to_f32(f16 h) {
-    float f;
-    asm("cvt.f32.f16 %0, %1;" : "=f"(f) : "h"(h.bits));
-    return f;
-}
-template <typename T> __device__ __forceinline__ T from_f32(float x);
-template <> __device__ __forceinline__ float from_f32<float>(float x) { return x; }
-template <> __device__ __forceinline__ f16 from_f32<f16>(float x) {
-    f16 h;
-    asm("cvt.rn.f16.f32 %0, %1;" : "=h"(h.bits) : "f"(x));
-    return h;
-}
+// f16, to_f32/from_f32, NEG_INF and warp_sum come from common.cuh (prepended by sources.rs).
 
 __device__ __forceinline__ float load_param(const void* p, int elem, int i) {
     return elem == 1 ? to_f32(((const f16*)p)[i]) : ((const float*)p)[i];

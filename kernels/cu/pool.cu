@@ -10,25 +10,7 @@
 //     channel added in shared memory; grid (ceil(C / 32), N).
 // Sums are FP32 in the reference's order within a window; global pools reduce in a tree.
 //
-// No includes: NVRTC has no include path here, so FP16 is its bits and one PTX cvt each way.
-
-struct f16 {
-    unsigned short bits;
-};
-
-__device__ __forceinline__ float to_f32(float x) { return x; }
-__device__ __forceinline__ float to_f32(f16 h) {
-    float f;
-    asm("cvt.f32.f16 %0, %1;" : "=f"(f) : "h"(h.bits));
-    return f;
-}
-template <typename T> __device__ __forceinline__ T from_f32(float x);
-template <> __device__ __forceinline__ float from_f32<float>(float x) { return x; }
-template <> __device__ __forceinline__ f16 from_f32<f16>(float x) {
-    f16 h;
-    asm("cvt.rn.f16.f32 %0, %1;" : "=h"(h.bits) : "f"(x));
-    return h;
-}
+// f16, to_f32/from_f32, NEG_INF and warp_sum come from common.cuh (prepended by sources.rs).
 
 struct PoolDims {
     int n, c, h, w, oh, ow;
@@ -117,12 +99,6 @@ __device__ void pool2d(const T* x, T* y, const PoolDims& g, int is_max, int incl
 
 POOL2D(kiln_pool2d_f32, float)
 POOL2D(kiln_pool2d_f16, f16)
-
-__device__ __forceinline__ float warp_sum(float v) {
-#pragma unroll
-    for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
-    return v;
-}
 
 // x [planes, len] -> y [planes]: one warp per plane, blockDim.x a multiple of 32.
 template <typename T>

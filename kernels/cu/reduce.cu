@@ -6,25 +6,7 @@
 //   kiln_reduce_cols_<in>_<out>: inner > 1. One thread per output element walks the len axis;
 //     neighbouring threads read neighbouring inner elements (coalesced).
 //
-// No includes: NVRTC has no include path here, so FP16 is its bits and one PTX cvt each way.
-
-struct f16 {
-    unsigned short bits;
-};
-
-__device__ __forceinline__ float to_f32(float x) { return x; }
-__device__ __forceinline__ float to_f32(f16 h) {
-    float f;
-    asm("cvt.f32.f16 %0, %1;" : "=f"(f) : "h"(h.bits));
-    return f;
-}
-template <typename T> __device__ __forceinline__ T from_f32(float x);
-template <> __device__ __forceinline__ float from_f32<float>(float x) { return x; }
-template <> __device__ __forceinline__ f16 from_f32<f16>(float x) {
-    f16 h;
-    asm("cvt.rn.f16.f32 %0, %1;" : "=h"(h.bits) : "f"(x));
-    return h;
-}
+// f16, to_f32/from_f32, NEG_INF and warp_sum come from common.cuh (prepended by sources.rs).
 
 #define K_SUM 0
 #define K_MEAN 1

@@ -6,27 +6,7 @@
 // Pass 1 keeps a running (max, sum of exp(x - max)) per thread and merges them; pass 2 re-reads
 // the row (from L1/L2) and writes it.
 //
-// No includes: NVRTC has no include path here, so FP16 is its bits and one PTX cvt each way.
-
-struct f16 {
-    unsigned short bits;
-};
-
-__device__ __forceinline__ float to_f32(float x) { return x; }
-__device__ __forceinline__ float to_f32(f16 h) {
-    float f;
-    asm("cvt.f32.f16 %0, %1;" : "=f"(f) : "h"(h.bits));
-    return f;
-}
-template <typename T> __device__ __forceinline__ T from_f32(float x);
-template <> __device__ __forceinline__ float from_f32<float>(float x) { return x; }
-template <> __device__ __forceinline__ f16 from_f32<f16>(float x) {
-    f16 h;
-    asm("cvt.rn.f16.f32 %0, %1;" : "=h"(h.bits) : "f"(x));
-    return h;
-}
-
-#define NEG_INF __int_as_float(0xff800000)
+// f16, to_f32/from_f32, NEG_INF and warp_sum come from common.cuh (prepended by sources.rs).
 
 // Adds v to the running (m, s). -inf adds nothing (and must not make exp(-inf - -inf) = NaN);
 // NaN never becomes the max and makes s NaN.

@@ -1,5 +1,14 @@
 //! The embedded kernel sources: one entry per `.cu` file under `kernels/cu/`.
 
+/// `cu/common.cuh` (FP16 conversions, warp sums) followed by the `.cu` file: NVRTC has no
+/// include path here, so shared device code is prepended to the source text (and so is part
+/// of every cache key).
+macro_rules! with_common {
+    ($file:literal) => {
+        concat!(include_str!("../cu/common.cuh"), include_str!($file))
+    };
+}
+
 /// One `.cu` file and the `extern "C"` functions it defines.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct KernelSource {
@@ -13,7 +22,7 @@ pub const PREPROCESS: KernelSource =
     KernelSource { name: "preprocess", source: include_str!("../cu/preprocess.cu"), functions: &["kiln_preprocess"] };
 
 pub const CAST: KernelSource =
-    KernelSource { name: "cast", source: include_str!("../cu/cast.cu"), functions: &["kiln_cast"] };
+    KernelSource { name: "cast", source: with_common!("../cu/cast.cu"), functions: &["kiln_cast"] };
 
 pub const COPY: KernelSource =
     KernelSource { name: "copy", source: include_str!("../cu/copy.cu"), functions: &["kiln_copy_strided"] };
@@ -26,7 +35,7 @@ pub const ELEMENTWISE: KernelSource = KernelSource {
 
 pub const POOL: KernelSource = KernelSource {
     name: "pool",
-    source: include_str!("../cu/pool.cu"),
+    source: with_common!("../cu/pool.cu"),
     functions: &[
         "kiln_pool2d_f32",
         "kiln_pool2d_f16",
@@ -39,7 +48,7 @@ pub const POOL: KernelSource = KernelSource {
 
 pub const SOFTMAX: KernelSource = KernelSource {
     name: "softmax",
-    source: include_str!("../cu/softmax.cu"),
+    source: with_common!("../cu/softmax.cu"),
     functions: &[
         "kiln_softmax_warp_f32_f32",
         "kiln_softmax_warp_f32_f16",
@@ -54,7 +63,7 @@ pub const SOFTMAX: KernelSource = KernelSource {
 
 pub const LAYERNORM: KernelSource = KernelSource {
     name: "layernorm",
-    source: include_str!("../cu/layernorm.cu"),
+    source: with_common!("../cu/layernorm.cu"),
     functions: &[
         "kiln_layernorm_f32_f32",
         "kiln_layernorm_f32_f16",
@@ -68,7 +77,7 @@ pub const GATHER: KernelSource =
 
 pub const REDUCE: KernelSource = KernelSource {
     name: "reduce",
-    source: include_str!("../cu/reduce.cu"),
+    source: with_common!("../cu/reduce.cu"),
     functions: &[
         "kiln_reduce_rows_f32_f32",
         "kiln_reduce_rows_f32_f16",
@@ -83,7 +92,7 @@ pub const REDUCE: KernelSource = KernelSource {
 
 pub const ATTENTION: KernelSource = KernelSource {
     name: "attention",
-    source: include_str!("../cu/attention.cu"),
+    source: with_common!("../cu/attention.cu"),
     functions: &[
         "kiln_attention_f32_mf32",
         "kiln_attention_f32_mf16",
