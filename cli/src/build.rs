@@ -223,20 +223,7 @@ fn fill_tactics(mut plan: plan::Plan, args: &BuildArgs, progress: &ProgressBar) 
     }
     let mut slots: HashMap<String, Vec<(String, String)>> = HashMap::new();
     for binding in &bindings {
-        let g = &plan.graph;
-        let inputs = g
-            .inputs
-            .iter()
-            .map(|&v| {
-                let ty = g.value_type(v).context("input without a type")?;
-                let dims = ty
-                    .shape
-                    .as_ref()
-                    .and_then(|s| kiln_engine::graph::eval_shape(s, binding))
-                    .context("input shape not fixed by the profiles")?;
-                Ok(kiln_engine::Tensor::zeros(ty.dtype, dims)?)
-            })
-            .collect::<anyhow::Result<Vec<_>>>()?;
+        let inputs = engine.zero_inputs(binding)?;
         for r in ctx.prepare(&inputs)? {
             let slot = slots.entry(r.node).or_default();
             if !slot.iter().any(|(k, _)| *k == r.key) {

@@ -21,7 +21,7 @@ use crate::dnn::{ConvArgs, ConvPlan, Dnn};
 use crate::ffi::DevPtr;
 use crate::ffi::mem::{self, DeviceBuffer, OwnedGraph};
 use crate::kernels::Kernels;
-use crate::lower::{ALIGN, Analysis, Bases, Binding, StepKind, emit, tensor_bytes};
+use crate::lower::{ALIGN, Analysis, Bases, Binding, StepKind, emit, write_tensor_bytes};
 use crate::tactics::{Choice, TimingCache, fastest};
 
 /// cuBLASLt and cuDNN workspace per context; candidates needing more are skipped.
@@ -232,6 +232,24 @@ impl Engine {
         })
     }
 
+    /// Zero-filled inputs at `binding` (for preparing a binding without data).
+    pub fn zero_inputs(&self, binding: &Binding) -> Result<Vec<Tensor>, CudaError> {
+        let g = &self.graph;
+        g.inputs
+            .iter()
+            .map(|&v| {
+                let ty = g.values[v].ty.as_ref();
+                let dims = ty.and_then(|t| t.shape.as_ref()).and_then(|s| kiln_engine::graph::eval_shape(s, binding));
+                match (ty, dims) {
+                    (Some(t), Some(d)) => {
+                        Tensor::zeros(t.dtype, d).map_err(|e| CudaError::InvalidArgument(e.to_string()))
+                    }
+                    _ => Err(CudaError::InvalidArgument(format!("input {} has no bound shape", g.values[v].name))),
+                }
+            })
+            .collect()
+    }
+
     /// Saves the timing cache file, if one was given and anything was timed.
     pub fn save_timing_cache(&self) -> Result<(), CudaError> {
         self.cache.lock().map_err(|_| CudaError::InvalidArgument("timing cache poisoned".into()))?.save()
@@ -297,7 +315,26 @@ impl Engine {
         Ok((binding, key))
     }
 
-    /// Evaluates the host nodes (shape and mask bookkeeping) on `inputs`. Nodes
+    /// A value the host has for one run: a constant, a graph input, a memoised
+    /// shape-only result or one computed this run.
+    fn host_value<'a>(
+        &'a self,
+        v: ValueId,
+        inputs: &'a [Tensor],
+        memo: &'a HashMap<ValueId, Tensor>,
+        computed: &'a HashMap<ValueId, Tensor>,
+    ) -> Option<&'a Tensor> {
+        let g = &self.graph;
+        g.values[v]
+            .constant
+            .as_deref()
+            .or_else(|| g.inputs.iter().position(|&i| i == v).and_then(|k| inputs.get(k)))
+            .or_else(|| memo.get(&v))
+            .or_else(|| computed.get(&v))
+    }
+
+    /// Evaluates the host nodes (shape and mask bookkeeping) on `inputs` and
+    /// returns what they computed this run. Nodes
     /// that depend only on input *shapes* (through `Shape`) and constants give
     /// the same result for every run of a binding: they come from `memo`, which
     /// the caller keeps per binding, so a run only evaluates what depends on
@@ -309,7 +346,7 @@ impl Engine {
         memo: &mut HashMap<ValueId, Tensor>,
     ) -> Result<HashMap<ValueId, Tensor>, CudaError> {
         let g = &self.graph;
-        let mut vals: HashMap<ValueId, Tensor> = g.inputs.iter().copied().zip(inputs.iter().cloned()).collect();
+        let mut vals: HashMap<ValueId, Tensor> = HashMap::new();
         for &i in &self.analysis.host_nodes {
             let node = &g.nodes[i];
             if node.outputs.iter().all(|o| memo.contains_key(o)) {
@@ -325,7 +362,7 @@ impl Engine {
             let op = registry().get(&node.op).ok_or_else(|| issue("no such op".into()))?;
             // `Shape` of a tensor computed on the device needs only its dims: a zero stand-in.
             let stand_in = match (node.op.as_str(), node.input(0)) {
-                ("Shape", Some(v)) if !vals.contains_key(&v) && !memo.contains_key(&v) => {
+                ("Shape", Some(v)) if self.host_value(v, inputs, memo, &vals).is_none() => {
                     let ty = g.values[v].ty.as_ref().ok_or_else(|| issue("input type unknown".into()))?;
                     let dims = ty
                         .shape
@@ -341,11 +378,7 @@ impl Engine {
                 .iter()
                 .map(|v| {
                     v.and_then(|v| {
-                        g.values[v]
-                            .constant
-                            .as_deref()
-                            .or_else(|| memo.get(&v))
-                            .or_else(|| vals.get(&v))
+                        self.host_value(v, inputs, memo, &vals)
                             .or_else(|| stand_in.as_ref().filter(|(s, _)| *s == v).map(|(_, t)| t))
                     })
                 })
@@ -359,10 +392,6 @@ impl Engine {
                     vals.insert(o, t);
                 }
             }
-        }
-        // Consumers look values up in one map.
-        for (k, v) in memo.iter() {
-            vals.entry(*k).or_insert_with(|| v.clone());
         }
         Ok(vals)
     }
@@ -452,23 +481,7 @@ impl ExecutionContext {
         }
         let buckets = crate::buckets::all(engine.max_batch());
         for &b in &buckets {
-            let binding: Binding = [("batch".to_owned(), b)].into();
-            let g = &engine.graph;
-            let inputs = g
-                .inputs
-                .iter()
-                .map(|&v| {
-                    let ty = g.values[v].ty.as_ref();
-                    let dims =
-                        ty.and_then(|t| t.shape.as_ref()).and_then(|s| kiln_engine::graph::eval_shape(s, &binding));
-                    match (ty, dims) {
-                        (Some(t), Some(d)) => {
-                            Tensor::zeros(t.dtype, d).map_err(|e| CudaError::InvalidArgument(e.to_string()))
-                        }
-                        _ => Err(CudaError::InvalidArgument(format!("input {} has no bound shape", g.values[v].name))),
-                    }
-                })
-                .collect::<Result<Vec<_>, _>>()?;
+            let inputs = engine.zero_inputs(&[("batch".to_owned(), b)].into())?;
             self.prepare(&inputs)?;
         }
         Ok(buckets.len())
@@ -492,10 +505,22 @@ impl ExecutionContext {
         engine.device.gpu().ctx.bind_to_thread().map_err(CudaError::driver("bind context"))?;
         let (binding, key) = engine.binding(inputs)?;
         let mut memo = self.memo.remove(&key).unwrap_or_default();
-        let host = engine.host_values(inputs, &binding, &mut memo);
-        self.memo.insert(key.clone(), memo);
-        let host = host?;
-        self.instance(&binding, &key)?;
+        let computed = engine.host_values(inputs, &binding, &mut memo);
+        let result = computed.and_then(|computed| self.run_bound(&engine, inputs, &binding, &key, &memo, &computed));
+        self.memo.insert(key, memo);
+        result
+    }
+
+    fn run_bound(
+        &mut self,
+        engine: &Arc<Engine>,
+        inputs: &[Tensor],
+        binding: &Binding,
+        key: &[usize],
+        memo: &HashMap<ValueId, Tensor>,
+        computed: &HashMap<ValueId, Tensor>,
+    ) -> Result<(Vec<Tensor>, StageTimes), CudaError> {
+        self.instance(binding, key)?;
         let a = &engine.analysis;
 
         // Stage every upload into the pinned buffer at its arena offset.
@@ -503,21 +528,24 @@ impl ExecutionContext {
         let mut copies = Vec::with_capacity(a.uploads.len());
         for u in &a.uploads {
             let d = &a.dvals[u.dval];
-            let t = host.get(&u.value).ok_or_else(|| CudaError::Input {
+            let t = engine.host_value(u.value, inputs, memo, computed).ok_or_else(|| CudaError::Input {
                 name: d.name.clone(),
                 reason: "was not computed on the host".into(),
             })?;
-            let bytes = tensor_bytes(t, d.elem).ok_or_else(|| CudaError::Input {
-                name: d.name.clone(),
-                reason: format!("{} cannot be uploaded as {:?}", t.dtype(), d.elem),
-            })?;
             let crate::lower::Storage::Arena { offset } = a.storage(u.dval) else { continue };
-            let dst = staging.get_mut(offset..offset + bytes.len()).ok_or_else(|| CudaError::Input {
+            // Written straight into its planned slot of the pinned buffer, no intermediate copy.
+            let slot = staging.get_mut(offset..offset + d.bytes).unwrap_or_default();
+            let len = write_tensor_bytes(t, d.elem, slot).ok_or_else(|| CudaError::Input {
                 name: d.name.clone(),
-                reason: format!("{} bytes exceed the {} planned", bytes.len(), d.bytes),
+                reason: format!(
+                    "{} [{:?}] does not fit {:?} in the {} bytes planned",
+                    t.dtype(),
+                    t.shape(),
+                    d.elem,
+                    d.bytes
+                ),
             })?;
-            dst.copy_from_slice(&bytes);
-            copies.push((offset, bytes.len()));
+            copies.push((offset, len));
         }
         let timing = Some(CUevent_flags::CU_EVENT_DEFAULT);
         let ev = |s: &CudaStream| s.record_event(timing).map_err(CudaError::driver("record event"));
@@ -528,7 +556,7 @@ impl ExecutionContext {
                 mem::htod(&self.stream, &staging[off..off + len], self.arena.at(off, len)?, len)?;
             }
             let e1 = ev(&self.stream)?;
-            self.launch(&key)?;
+            self.launch(key)?;
             let e2 = ev(&self.stream)?;
             let (off, len) = (a.download_offset, a.download_bytes);
             if len > 0 {
@@ -545,11 +573,17 @@ impl ExecutionContext {
         let ms =
             |x: &cudarc::driver::CudaEvent, y| x.elapsed_ms(y).map(f64::from).map_err(CudaError::driver("event time"));
         let times = StageTimes { h2d_ms: ms(&e0, &e1)?, compute_ms: ms(&e1, &e2)?, d2h_ms: ms(&e2, &e3)? };
-        let outputs = self.collect_outputs(&binding, &host)?;
+        let outputs = self.collect_outputs(binding, inputs, memo, computed)?;
         Ok((outputs, times))
     }
 
-    fn collect_outputs(&self, binding: &Binding, host: &HashMap<ValueId, Tensor>) -> Result<Vec<Tensor>, CudaError> {
+    fn collect_outputs(
+        &self,
+        binding: &Binding,
+        inputs: &[Tensor],
+        memo: &HashMap<ValueId, Tensor>,
+        computed: &HashMap<ValueId, Tensor>,
+    ) -> Result<Vec<Tensor>, CudaError> {
         let e = &self.engine;
         let (g, a) = (&e.graph, &e.analysis);
         let bytes = self.download.as_slice().map_err(CudaError::driver("pinned download buffer"))?;
@@ -568,7 +602,7 @@ impl ExecutionContext {
                     CudaError::InvalidArgument(format!("output {} lies outside the download area", dv.name))
                 })?;
                 out.push(crate::lower::tensor_from_bytes(raw, dv.elem, dims)?);
-            } else if let Some(t) = g.values[o].constant.as_deref().or_else(|| host.get(&o)) {
+            } else if let Some(t) = e.host_value(o, inputs, memo, computed) {
                 out.push(t.clone());
             } else {
                 return Err(CudaError::InvalidArgument(format!("output {} has no source", g.values[o].name)));

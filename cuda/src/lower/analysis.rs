@@ -124,20 +124,36 @@ fn is_float(e: Elem) -> bool {
 
 /// Bytes of `t` as `elem` on the device, or `None` for a conversion kiln does not make.
 pub fn tensor_bytes(t: &Tensor, elem: Elem) -> Option<Vec<u8>> {
-    Some(match (t.data(), elem) {
-        (TensorData::F32(v), Elem::F32) => v.iter().flat_map(|x| x.to_le_bytes()).collect(),
-        (TensorData::F32(v), Elem::F16) => v.iter().flat_map(|x| f16::from_f32(*x).to_le_bytes()).collect(),
-        (TensorData::F16(v), Elem::F16) => v.iter().flat_map(|x| x.to_le_bytes()).collect(),
-        (TensorData::F16(v), Elem::F32) => v.iter().flat_map(|x| x.to_f32().to_le_bytes()).collect(),
-        (TensorData::I64(v), Elem::I64) => v.iter().flat_map(|x| x.to_le_bytes()).collect(),
-        (TensorData::I32(v), Elem::I32) => v.iter().flat_map(|x| x.to_le_bytes()).collect(),
-        (TensorData::I64(v), Elem::I32) => {
-            v.iter().map(|&x| i32::try_from(x).ok().map(i32::to_le_bytes)).collect::<Option<Vec<_>>>()?.concat()
+    let mut out = vec![0u8; t.data().len().checked_mul(elem.size())?];
+    write_tensor_bytes(t, elem, &mut out)?;
+    Some(out)
+}
+
+/// Writes `t` as `elem` into the start of `dst` (a pinned staging buffer, a weight blob) and
+/// returns the bytes written; `None` for a conversion kiln does not make or a `dst` too small.
+pub fn write_tensor_bytes(t: &Tensor, elem: Elem, dst: &mut [u8]) -> Option<usize> {
+    fn put<T: Copy, const N: usize>(src: &[T], dst: &mut [u8], f: impl Fn(T) -> Option<[u8; N]>) -> Option<usize> {
+        let len = src.len().checked_mul(N)?;
+        for (d, &x) in dst.get_mut(..len)?.chunks_exact_mut(N).zip(src) {
+            d.copy_from_slice(&f(x)?);
         }
-        (TensorData::Bool(v), Elem::U8) => v.iter().map(|&b| u8::from(b)).collect(),
-        (TensorData::U8(v), Elem::U8) => v.clone(),
-        _ => return None,
-    })
+        Some(len)
+    }
+    match (t.data(), elem) {
+        (TensorData::F32(v), Elem::F32) => put(v, dst, |x| Some(x.to_le_bytes())),
+        (TensorData::F32(v), Elem::F16) => put(v, dst, |x| Some(f16::from_f32(x).to_le_bytes())),
+        (TensorData::F16(v), Elem::F16) => put(v, dst, |x| Some(x.to_le_bytes())),
+        (TensorData::F16(v), Elem::F32) => put(v, dst, |x| Some(x.to_f32().to_le_bytes())),
+        (TensorData::I64(v), Elem::I64) => put(v, dst, |x| Some(x.to_le_bytes())),
+        (TensorData::I32(v), Elem::I32) => put(v, dst, |x| Some(x.to_le_bytes())),
+        (TensorData::I64(v), Elem::I32) => put(v, dst, |x| i32::try_from(x).ok().map(i32::to_le_bytes)),
+        (TensorData::Bool(v), Elem::U8) => put(v, dst, |b| Some([u8::from(b)])),
+        (TensorData::U8(v), Elem::U8) => {
+            dst.get_mut(..v.len())?.copy_from_slice(v);
+            Some(v.len())
+        }
+        _ => None,
+    }
 }
 
 /// Which element type a device node needs for input `i`, when it needs one.

@@ -18,7 +18,9 @@ mod analysis;
 mod emit;
 mod ops;
 
-pub use analysis::{Analysis, DVal, DevOp, DevOpKind, Storage, Transfer, tensor_bytes, tensor_from_bytes};
+pub use analysis::{
+    Analysis, DVal, DevOp, DevOpKind, Storage, Transfer, tensor_bytes, tensor_from_bytes, write_tensor_bytes,
+};
 pub use emit::{Bases, Step, StepKind, emit};
 
 use std::collections::HashMap;

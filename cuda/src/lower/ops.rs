@@ -248,9 +248,9 @@ pub(super) fn emit_node(e: &mut Emitter<'_>, node: &Node, op: &DevOp) -> Result<
         "GlobalAveragePool" => {
             let x = input(0)?;
             let layout = layout(node)?;
-            let (n, c) = match layout {
-                Layout::Nhwc => (x.dims[0], *x.dims.last().unwrap_or(&1)),
-                Layout::Nchw => (x.dims[0], x.dims.get(1).copied().unwrap_or(1)),
+            let (n, c) = match (layout, x.dims.as_slice()) {
+                (Layout::Nhwc, [n, .., c]) | (Layout::Nchw, [n, c, ..]) => (*n, *c),
+                _ => return Err(bad(node, format!("GlobalAveragePool of a rank-{} tensor", x.dims.len()))),
             };
             let spatial = x.numel() / (n * c).max(1);
             let args = GlobalPoolArgs { x: x.ptr, y: y.ptr, elem: y.elem, layout, n, c, spatial };
@@ -563,42 +563,65 @@ fn attention(e: &mut Emitter<'_>, node: &Node, views: &[Option<View>], y: &View)
     Ok(())
 }
 
+/// The operands of one GEMM-shaped node: `y = act(x·w + bias + z)`.
+struct GemmOperands<'v> {
+    x: &'v View,
+    w: &'v View,
+    bias: Option<&'v View>,
+    z: Option<&'v View>,
+    y: &'v View,
+}
+
+/// Emits `spec` with what cuBLASLt can fuse — bias, the residual as beta·C when
+/// it has the output's shape and type, then ReLU or GELU-tanh as the epilogue —
+/// and the rest (a broadcast residual, other activations) as one elementwise
+/// program after it. The epilogue applies after the residual, as kiln.Dense and
+/// kiln.FusedConv do (act(x·w + b + z)), so an unfused residual keeps the
+/// activation unfused too.
+fn fused_gemm(
+    e: &mut Emitter<'_>,
+    node: &Node,
+    mut spec: GemmSpec,
+    o: &GemmOperands<'_>,
+    mut act: Vec<(EwOp, f32, f32)>,
+) -> Result<(), CudaError> {
+    if o.bias.is_some() {
+        spec = spec.with_bias();
+    }
+    let residual = o.z.is_some_and(|z| z.dims == o.y.dims && z.elem == o.y.elem);
+    if residual {
+        spec = spec.with_residual();
+    }
+    if o.z.is_none() || residual {
+        let epilogue = match act.as_slice() {
+            [(EwOp::Relu, _, _)] => Some(Epilogue::Relu),
+            [(EwOp::GeluTanh, _, _)] => Some(Epilogue::Gelu),
+            _ => None,
+        };
+        if let Some(ep) = epilogue {
+            spec = spec.with_epilogue(ep);
+            act.clear();
+        }
+    }
+    let args = GemmArgs {
+        a: o.w.ptr,
+        b: o.x.ptr,
+        c: if residual { o.z.map(|z| z.ptr) } else { None },
+        d: o.y.ptr,
+        bias: o.bias.map(|b| b.ptr),
+    };
+    e.push(node, StepKind::Gemm { spec, args });
+    post_ops(e, node, o.y, if residual { None } else { o.z }, &act)
+}
+
 fn dense(e: &mut Emitter<'_>, node: &Node, views: &[Option<View>], y: &View) -> Result<(), CudaError> {
     let get = |k: usize| views.get(k).and_then(Option::as_ref);
     let (a, w) = (get(0).ok_or_else(|| bad(node, "A missing"))?, get(1).ok_or_else(|| bad(node, "W missing"))?);
     let [k, n] = <[usize; 2]>::try_from(w.dims.as_slice()).map_err(|_| bad(node, "W must be 2-D"))?;
     let m = a.numel() / k.max(1);
-    let elem = gemm_elem(node, y.elem)?;
-    let mut spec = GemmSpec::row_major(m as u64, k as u64, n as u64, false, elem);
-    let bias = get(2);
-    if bias.is_some() {
-        spec = spec.with_bias();
-    }
-    let mut act = activation_ops(node)?;
-    let z = get(3);
-    let residual_fused = z.is_some_and(|z| z.dims == y.dims && z.elem == y.elem);
-    if residual_fused {
-        spec = spec.with_residual();
-    }
-    // The epilogue applies after the residual, as kiln.Dense does: act(A·W + B + Z);
-    // a residual added afterwards (broadcast) keeps the activation after it too.
-    let fuse_act = z.is_none() || residual_fused;
-    if fuse_act && let [(EwOp::Relu, _, _)] = act.as_slice() {
-        spec = spec.with_epilogue(Epilogue::Relu);
-        act.clear();
-    } else if fuse_act && let [(EwOp::GeluTanh, _, _)] = act.as_slice() {
-        spec = spec.with_epilogue(Epilogue::Gelu);
-        act.clear();
-    }
-    let args = GemmArgs {
-        a: w.ptr,
-        b: a.ptr,
-        c: if residual_fused { z.map(|z| z.ptr) } else { None },
-        d: y.ptr,
-        bias: bias.map(|b| b.ptr),
-    };
-    e.push(node, StepKind::Gemm { spec, args });
-    post_ops(e, node, y, if residual_fused { None } else { z }, &act)
+    let spec = GemmSpec::row_major(m as u64, k as u64, n as u64, false, gemm_elem(node, y.elem)?);
+    let operands = GemmOperands { x: a, w, bias: get(2), z: get(3), y };
+    fused_gemm(e, node, spec, &operands, activation_ops(node)?)
 }
 
 fn matmul(e: &mut Emitter<'_>, node: &Node, a: &View, b: &View, y: &View) -> Result<(), CudaError> {
@@ -644,30 +667,8 @@ fn conv(e: &mut Emitter<'_>, node: &Node, views: &[Option<View>], y: &View, prep
     let pointwise = kr == 1 && ks == 1 && strides == [1, 1] && pt == 0 && pl == 0 && groups == 1;
     if pointwise && layout == Layout::Nhwc {
         // NHWC activations are a row-major [N·H·W, C] matrix; OHWI weights are [K, C].
-        let elem = gemm_elem(node, y.elem)?;
-        let mut spec = GemmSpec::row_major((n * h * wd) as u64, c as u64, k as u64, true, elem);
-        if bias.is_some() {
-            spec = spec.with_bias();
-        }
-        let residual = z.is_some_and(|z| z.dims == y.dims && z.elem == y.elem);
-        if residual {
-            spec = spec.with_residual();
-        }
-        if (z.is_none() || residual)
-            && let [(EwOp::Relu, _, _)] = act.as_slice()
-        {
-            spec = spec.with_epilogue(Epilogue::Relu);
-            act.clear();
-        }
-        let args = GemmArgs {
-            a: w.ptr,
-            b: x.ptr,
-            c: if residual { z.map(|z| z.ptr) } else { None },
-            d: y.ptr,
-            bias: bias.map(|b| b.ptr),
-        };
-        e.push(node, StepKind::Gemm { spec, args });
-        return post_ops(e, node, y, if residual { None } else { z }, &act);
+        let spec = GemmSpec::row_major((n * h * wd) as u64, c as u64, k as u64, true, gemm_elem(node, y.elem)?);
+        return fused_gemm(e, node, spec, &GemmOperands { x, w, bias, z, y }, act);
     }
     let elem = match y.elem {
         Elem::F16 => ConvElem::F16,
