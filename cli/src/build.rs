@@ -16,10 +16,22 @@ use kiln_engine::reference::RunOptions;
 use kiln_engine::verify::{OutputError, sample_inputs, verify};
 use kiln_engine::{OrtRuntime, import};
 
-#[derive(Debug, Clone, Copy, ValueEnum)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
 pub enum PrecisionArg {
     Fp32,
     Fp16,
+    /// TensorRT only (a calibration table, or a model with Q/DQ nodes).
+    Int8,
+}
+
+/// What `kiln build` builds.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum BuildBackend {
+    /// A kiln plan for kiln's CUDA engine (and the reference executor).
+    Kiln,
+    /// TensorRT engines in ONNX Runtime's TensorRT provider cache, exactly where
+    /// `kiln serve` with `backend = "tensorrt"` will look for them.
+    Tensorrt,
 }
 
 #[derive(Debug, Clone, Copy, ValueEnum)]
@@ -32,16 +44,38 @@ pub enum LayoutArg {
 #[derive(Args, Debug)]
 pub struct BuildArgs {
     /// The ONNX model to build.
-    model: PathBuf,
-    /// Precision of the plan; FP16 keeps an allow-list of sensitive ops in FP32.
-    #[arg(long, value_enum, default_value = "fp32")]
-    precision: PrecisionArg,
-    /// Batch profile MIN:OPT:MAX.
-    #[arg(long, default_value = "1:8:64")]
-    batch: String,
-    /// Sequence profile MIN:OPT:MAX, for models with a dynamic sequence dimension.
-    #[arg(long, default_value = "1:128:512")]
-    seq: String,
+    pub(crate) model: PathBuf,
+    /// What to build: a kiln plan, or TensorRT engines (warming the cache `kiln serve` uses).
+    #[arg(long, value_enum, default_value = "kiln")]
+    pub(crate) backend: BuildBackend,
+    /// Precision (default fp32 for kiln plans, where FP16 keeps an allow-list of sensitive
+    /// ops in FP32; for TensorRT the model config's, else fp16).
+    #[arg(long, value_enum)]
+    pub(crate) precision: Option<PrecisionArg>,
+    /// Batch profile MIN:OPT:MAX (default 1:8:64; for TensorRT the model config's
+    /// [tensorrt] batch, else 1:max_batch_size:max_batch_size).
+    #[arg(long)]
+    pub(crate) batch: Option<String>,
+    /// Sequence profile MIN:OPT:MAX, for models with a dynamic sequence dimension
+    /// (default 1:128:512, or the config's [tensorrt] seq).
+    #[arg(long)]
+    pub(crate) seq: Option<String>,
+    /// TensorRT: the model's config.toml, whose [tensorrt] table and max_batch_size the
+    /// server will use (default: `../config.toml` of a repository's `<model>/<version>/model.onnx`).
+    #[arg(long)]
+    pub(crate) config: Option<PathBuf>,
+    /// TensorRT: engine cache directory (default: the config's, else `trt_cache` beside the model).
+    #[arg(long)]
+    pub(crate) engine_cache: Option<PathBuf>,
+    /// TensorRT: INT8 calibration table, for models without Q/DQ nodes.
+    #[arg(long)]
+    pub(crate) calibration_table: Option<PathBuf>,
+    /// TensorRT: builder workspace in MiB.
+    #[arg(long)]
+    pub(crate) workspace_mib: Option<u64>,
+    /// TensorRT: the GPU to build for.
+    #[arg(long)]
+    pub(crate) device: Option<u32>,
     /// Activation layout of convolution regions (auto: NHWC for FP16).
     #[arg(long, value_enum, default_value = "auto")]
     layout: LayoutArg,
@@ -68,9 +102,9 @@ pub struct BuildArgs {
     /// (default 1e-4 for FP32, 2e-2 for FP16).
     #[arg(long)]
     tolerance: Option<f64>,
-    /// Path of the ONNX Runtime shared library used by --verify.
+    /// Path of the ONNX Runtime shared library used by --verify and --backend tensorrt.
     #[arg(long, env = "KILN_ORT_LIBRARY", default_value = ".kiln/lib/libonnxruntime.so")]
-    ort_library: PathBuf,
+    pub(crate) ort_library: PathBuf,
     /// Give the plan a UINT8 NHWC image input normalised on the device as
     /// `(pixel − mean) / std`, e.g. `--uint8-mean 127,127,127 --uint8-std 128,128,128`
     /// (replaces the model's FP32 image input; needs --uint8-std too).
@@ -126,7 +160,7 @@ fn symbols(graph: &Graph) -> Vec<String> {
     out
 }
 
-fn bar(len: u64) -> ProgressBar {
+pub(crate) fn bar(len: u64) -> ProgressBar {
     if !std::io::stderr().is_terminal() {
         return ProgressBar::hidden();
     }
@@ -140,18 +174,22 @@ fn bar(len: u64) -> ProgressBar {
 }
 
 pub fn build(args: &BuildArgs) -> anyhow::Result<()> {
+    if args.backend == BuildBackend::Tensorrt {
+        return crate::trt::warm(args);
+    }
     let graph = import::import_file(&args.model).with_context(|| format!("cannot import {}", args.model.display()))?;
     let mut profiles = Vec::new();
     for s in symbols(&graph) {
         profiles.push(match s.as_str() {
-            import::BATCH => parse_profile(import::BATCH, &args.batch)?,
-            import::SEQ => parse_profile(import::SEQ, &args.seq)?,
+            import::BATCH => parse_profile(import::BATCH, args.batch.as_deref().unwrap_or("1:8:64"))?,
+            import::SEQ => parse_profile(import::SEQ, args.seq.as_deref().unwrap_or("1:128:512"))?,
             other => bail!("input dimension {other} is dynamic; kiln builds profiles for batch and seq only"),
         });
     }
-    let precision = match args.precision {
+    let precision = match args.precision.unwrap_or(PrecisionArg::Fp32) {
         PrecisionArg::Fp32 => Precision::F32,
         PrecisionArg::Fp16 => Precision::F16,
+        PrecisionArg::Int8 => bail!("kiln plans are fp32 or fp16; --precision int8 needs --backend tensorrt"),
     };
     let opts = BuildOptions {
         precision,

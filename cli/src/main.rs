@@ -1,5 +1,6 @@
 mod build;
 mod perf;
+mod trt;
 
 use std::io::Write;
 use std::net::{IpAddr, SocketAddr};
@@ -78,8 +79,10 @@ struct ServeArgs {
     #[arg(long, env = "KILN_MAX_CONNECTIONS", default_value_t = 10_000)]
     max_connections: usize,
     /// Serve every model with this backend instead of its config's: `cuda` runs kiln's CUDA
-    /// engine (the version's model.plan, or an FP16 plan built from model.onnx at load).
-    #[arg(long, env = "KILN_BACKEND", value_parser = ["onnxruntime", "cuda"])]
+    /// engine (the version's model.plan, or an FP16 plan built from model.onnx at load);
+    /// `tensorrt` and `ort-cuda` ONNX Runtime's GPU providers (configured by each model's
+    /// [tensorrt] / [ort_cuda] tables; its `fallback` list still applies).
+    #[arg(long, env = "KILN_BACKEND", value_parser = ["cpu", "onnxruntime", "cuda", "tensorrt", "ort-cuda"])]
     backend: Option<String>,
 }
 
@@ -107,11 +110,7 @@ fn main() -> anyhow::Result<()> {
 
 async fn serve(args: ServeArgs) -> anyhow::Result<()> {
     let mut config = ServerConfig::new(SocketAddr::new(args.host, args.port), args.model_repository, args.ort_library);
-    config.backend = match args.backend.as_deref() {
-        Some("cuda") => Some(BackendKind::Cuda),
-        Some(_) => Some(BackendKind::Onnxruntime),
-        None => None,
-    };
+    config.backend = args.backend.as_deref().and_then(BackendKind::parse);
     config.default_model = args.default_model;
     config.limits = Limits {
         max_body_bytes: args.max_body_bytes,

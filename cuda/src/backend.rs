@@ -33,6 +33,10 @@ impl Backend for CudaBackend {
         "kiln-cuda"
     }
 
+    fn precision(&self) -> &'static str {
+        self.ctx.engine().precision_name()
+    }
+
     fn metadata(&self) -> &ModelMetadata {
         self.ctx.engine().metadata()
     }

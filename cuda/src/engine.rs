@@ -99,6 +99,7 @@ pub struct Engine {
     symbols: Vec<(String, usize)>,
     opts: EngineOptions,
     cache: Mutex<TimingCache>,
+    precision: kiln_engine::graph::Precision,
 }
 
 impl std::fmt::Debug for Engine {
@@ -147,6 +148,7 @@ impl Engine {
             }
         }
         let max: Binding = symbols.iter().cloned().collect();
+        let precision = plan.settings.precision;
         let graph = plan.graph;
         let analysis = Analysis::new(&graph, &max)?;
         let weights = DeviceBuffer::from_host(&device.gpu().stream, &analysis.weights)?;
@@ -186,6 +188,7 @@ impl Engine {
             symbols,
             opts: opts.clone(),
             cache: Mutex::new(cache),
+            precision,
         }))
     }
 
@@ -197,6 +200,14 @@ impl Engine {
 
     pub fn metadata(&self) -> &ModelMetadata {
         &self.metadata
+    }
+
+    /// The plan's precision (`fp16` or `fp32`).
+    pub fn precision_name(&self) -> &'static str {
+        match self.precision {
+            kiln_engine::graph::Precision::F16 => "fp16",
+            kiln_engine::graph::Precision::F32 => "fp32",
+        }
     }
 
     /// Largest batch a context accepts.

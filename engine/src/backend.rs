@@ -39,6 +39,11 @@ pub trait Backend: Send {
     /// Short name for logs and metrics (e.g. `onnxruntime-cpu`).
     fn name(&self) -> &'static str;
 
+    /// The arithmetic it was built or asked for (`fp32`, `fp16`, `int8`), for metadata and metrics.
+    fn precision(&self) -> &'static str {
+        "fp32"
+    }
+
     fn metadata(&self) -> &ModelMetadata;
 
     /// Runs one batch. `inputs` follow `metadata().inputs` order; the result follows

@@ -24,6 +24,9 @@ pub enum EngineError {
     DTypeMismatch { expected: DType, got: DType },
     #[error("tensor shape {shape:?} does not match {len} elements")]
     ShapeMismatch { shape: Vec<usize>, len: usize },
+    /// A GPU execution provider cannot run here; `detail` says what is missing and what to install.
+    #[error("{provider} is unavailable: {detail}")]
+    ProviderUnavailable { provider: &'static str, detail: String },
     #[error("inference failed: {0}")]
     Inference(String),
 }

@@ -1,7 +1,7 @@
 //! kiln's execution layer: the tensor types every backend shares, the [`Backend`]
-//! trait the batcher's executors drive, the ONNX Runtime CPU backend, and the
-//! engine builder (ONNX import → graph IR → passes → plan file) with its CPU
-//! reference executor.
+//! trait the batcher's executors drive, the ONNX Runtime backend (CPU, or the TensorRT and
+//! CUDA execution providers), and the engine builder (ONNX import → graph IR → passes →
+//! plan file) with its CPU reference executor.
 
 mod backend;
 pub mod builder;
@@ -15,6 +15,7 @@ pub mod ops;
 mod ort_backend;
 pub mod passes;
 pub mod plan;
+pub mod providers;
 pub mod reference;
 mod tensor;
 pub mod verify;

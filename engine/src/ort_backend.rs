@@ -1,15 +1,17 @@
-//! ONNX Runtime (CPU execution provider) backend. The library is loaded at run time
-//! from an explicit path so that a missing or mismatched library is an error value,
-//! never a panic inside `ort`.
+//! ONNX Runtime backend: the CPU provider, or TensorRT / CUDA (see [`crate::providers`]).
+//! The library is loaded at run time from an explicit path so that a missing or
+//! mismatched library is an error value, never a panic inside `ort`.
 
 use std::borrow::Cow;
 use std::path::{Path, PathBuf};
 use std::sync::{Mutex, PoisonError};
 
+use ort::ep::{ArbitrarilyConfigurableExecutionProvider, ExecutionProviderDispatch};
 use ort::session::builder::GraphOptimizationLevel;
 use ort::session::{Session, SessionInputValue};
 use ort::value::{DynValue, TensorElementType, TensorRef, ValueType};
 
+use crate::providers::{self, CudaOptions, Provider, probe};
 use crate::{Backend, DType, Dim, EngineError, ModelMetadata, Tensor, TensorData, TensorSpec};
 
 /// A process-wide ONNX Runtime environment. ONNX Runtime allows one environment per
@@ -17,6 +19,7 @@ use crate::{Backend, DType, Dim, EngineError, ModelMetadata, Tensor, TensorData,
 #[derive(Debug, Clone)]
 pub struct OrtRuntime {
     env: ort::environment::Environment,
+    library: PathBuf,
 }
 
 static RUNTIME: Mutex<Option<(PathBuf, OrtRuntime)>> = Mutex::new(None);
@@ -43,9 +46,20 @@ impl OrtRuntime {
             .with_telemetry(false)
             .build()
             .map_err(|e| EngineError::RuntimeLibrary { path: lib.to_path_buf(), reason: e.to_string() })?;
-        let runtime = Self { env };
+        let runtime = Self { env, library: lib.to_path_buf() };
         *slot = Some((lib.to_path_buf(), runtime.clone()));
         Ok(runtime)
+    }
+
+    /// The library this runtime was loaded from.
+    pub fn library(&self) -> &Path {
+        &self.library
+    }
+
+    /// Whether `provider` can run with this runtime on this machine (see [`probe::check`]).
+    pub fn check_provider(&self, provider: &Provider) -> Result<(), EngineError> {
+        probe::check(provider, &self.library)
+            .map_err(|e| EngineError::ProviderUnavailable { provider: provider.ort_name(), detail: e.to_string() })
     }
 }
 
@@ -54,12 +68,60 @@ impl OrtRuntime {
 pub struct OrtOptions {
     /// Threads used inside one operator; 0 lets ONNX Runtime decide (one per core).
     pub intra_threads: usize,
+    pub provider: Provider,
+    /// Largest batch the session will see: the default top of TensorRT's batch profile.
+    pub max_batch: usize,
 }
 
 #[derive(Debug)]
 pub struct OrtBackend {
     session: Session,
     metadata: ModelMetadata,
+    name: &'static str,
+    precision: &'static str,
+    trt_cache: Option<PathBuf>,
+}
+
+/// The providers to register, in priority order, after checking each can run here.
+fn execution_providers(
+    runtime: &OrtRuntime,
+    model: &Path,
+    options: &OrtOptions,
+) -> Result<(Vec<ExecutionProviderDispatch>, Option<PathBuf>), EngineError> {
+    let cuda = |c: &CudaOptions| {
+        let mut ep = ort::ep::CUDA::default();
+        for (k, v) in providers::cuda_options(c) {
+            ep = ep.with_arbitrary_config(k, v);
+        }
+        // Registration errors must surface: the default is a silent CPU fallback.
+        ep.build().error_on_failure()
+    };
+    match &options.provider {
+        Provider::Cpu => Ok((Vec::new(), None)),
+        p @ Provider::Cuda(c) => {
+            runtime.check_provider(p)?;
+            Ok((vec![cuda(c)], None))
+        }
+        p @ Provider::TensorRt(t) => {
+            runtime.check_provider(p)?;
+            let behind = CudaOptions { device_id: t.device_id, ..CudaOptions::default() };
+            if t.cuda_fallback {
+                runtime.check_provider(&Provider::Cuda(behind.clone()))?;
+            }
+            let env = probe::environment(t.device_id)
+                .map_err(|e| EngineError::ProviderUnavailable { provider: p.ort_name(), detail: e.to_string() })?;
+            let setup = providers::prepare_tensorrt(t, model, options.max_batch, &env)?;
+            let mut ep = ort::ep::TensorRT::default();
+            for (k, v) in setup.options {
+                ep = ep.with_arbitrary_config(k, v);
+            }
+            let mut eps = vec![ep.build().error_on_failure()];
+            if t.cuda_fallback {
+                eps.push(cuda(&behind));
+            }
+            Ok((eps, Some(setup.cache_dir)))
+        }
+    }
 }
 
 impl OrtBackend {
@@ -69,15 +131,34 @@ impl OrtBackend {
         }
         let load_err =
             |e: &dyn std::fmt::Display| EngineError::ModelLoad { path: model.to_path_buf(), reason: e.to_string() };
+        let (eps, trt_cache) = execution_providers(runtime, model, options)?;
         let mut builder = Session::builder(&runtime.env).map_err(|e| load_err(&e))?;
         builder = builder.with_optimization_level(GraphOptimizationLevel::All).map_err(|e| load_err(&e))?;
+        if !eps.is_empty() {
+            let provider = options.provider.ort_name();
+            builder = builder.with_execution_providers(eps).map_err(|e| EngineError::ProviderUnavailable {
+                provider,
+                detail: format!("ONNX Runtime refused to register it: {e}"),
+            })?;
+        }
         if options.intra_threads > 0 {
             builder = builder.with_intra_threads(options.intra_threads).map_err(|e| load_err(&e))?;
         }
         let session = builder.commit_from_file(model).map_err(|e| load_err(&e))?;
         let inputs = session.inputs().iter().map(|o| spec(o.name(), o.dtype())).collect::<Result<_, _>>()?;
         let outputs = session.outputs().iter().map(|o| spec(o.name(), o.dtype())).collect::<Result<_, _>>()?;
-        Ok(Self { session, metadata: ModelMetadata { inputs, outputs } })
+        Ok(Self {
+            session,
+            metadata: ModelMetadata { inputs, outputs },
+            name: options.provider.backend_name(),
+            precision: options.provider.precision(),
+            trt_cache,
+        })
+    }
+
+    /// The TensorRT engine cache directory of this session (TensorRT provider only).
+    pub fn engine_cache_dir(&self) -> Option<&Path> {
+        self.trt_cache.as_deref()
     }
 }
 
@@ -168,7 +249,11 @@ fn output_tensor(value: &DynValue, spec: &TensorSpec) -> Result<Tensor, EngineEr
 
 impl Backend for OrtBackend {
     fn name(&self) -> &'static str {
-        "onnxruntime-cpu"
+        self.name
+    }
+
+    fn precision(&self) -> &'static str {
+        self.precision
     }
 
     fn metadata(&self) -> &ModelMetadata {

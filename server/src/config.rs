@@ -5,6 +5,7 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use kiln_batcher::BatcherConfig;
+use kiln_engine::providers::{CudaOptions, TensorRtOptions};
 use serde::Deserialize;
 
 use crate::ServerError;
@@ -15,6 +16,16 @@ pub struct ModelConfig {
     pub name: String,
     #[serde(default)]
     pub backend: BackendKind,
+    /// Backends to try, in order, when `backend` cannot load here (e.g. `["ort-cuda", "cpu"]`).
+    /// Empty: a backend that cannot load fails the model.
+    #[serde(default)]
+    pub fallback: Vec<BackendKind>,
+    /// ONNX Runtime's TensorRT provider (`backend = "tensorrt"`); paths relative to this directory.
+    #[serde(default)]
+    pub tensorrt: TensorRtOptions,
+    /// ONNX Runtime's CUDA provider (`backend = "ort-cuda"`, and behind TensorRT).
+    #[serde(default)]
+    pub ort_cuda: CudaOptions,
     pub max_batch_size: usize,
     #[serde(default)]
     pub batching: BatchingConfig,
@@ -62,13 +73,62 @@ impl VersionPolicy {
 }
 
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
-#[serde(rename_all = "lowercase")]
 pub enum BackendKind {
+    /// ONNX Runtime on the CPU.
     #[default]
+    #[serde(rename = "cpu", alias = "onnxruntime")]
     Onnxruntime,
     /// kiln's CUDA engine: `<version>/model.plan` if present, else an FP16 plan
     /// built from `model.onnx` at load (tactics timed on the GPU then).
+    #[serde(rename = "cuda")]
     Cuda,
+    /// ONNX Runtime's TensorRT provider (engines cached per model, precision, profile, GPU
+    /// and TensorRT version), with the CUDA provider behind it for what TensorRT does not take.
+    #[serde(rename = "tensorrt")]
+    TensorRt,
+    /// ONNX Runtime's CUDA provider.
+    #[serde(rename = "ort-cuda")]
+    OrtCuda,
+}
+
+impl BackendKind {
+    /// The name used in `config.toml`, on the command line and in metrics.
+    pub fn name(self) -> &'static str {
+        match self {
+            BackendKind::Onnxruntime => "cpu",
+            BackendKind::Cuda => "cuda",
+            BackendKind::TensorRt => "tensorrt",
+            BackendKind::OrtCuda => "ort-cuda",
+        }
+    }
+
+    /// Parses a config/command-line name (`onnxruntime` is accepted for `cpu`).
+    pub fn parse(s: &str) -> Option<Self> {
+        Some(match s {
+            "cpu" | "onnxruntime" => BackendKind::Onnxruntime,
+            "cuda" => BackendKind::Cuda,
+            "tensorrt" => BackendKind::TensorRt,
+            "ort-cuda" => BackendKind::OrtCuda,
+            _ => return None,
+        })
+    }
+
+    /// `backend` first, then the fallbacks, each once.
+    pub fn order(first: Self, fallback: &[Self]) -> Vec<Self> {
+        let mut order = vec![first];
+        for &b in fallback {
+            if !order.contains(&b) {
+                order.push(b);
+            }
+        }
+        order
+    }
+}
+
+impl std::fmt::Display for BackendKind {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.name())
+    }
 }
 
 /// The `[batching]` table: the model's scheduling (see `kiln-batcher` for semantics).
@@ -137,6 +197,17 @@ impl Default for BatchingConfig {
 }
 
 impl ModelConfig {
+    /// The `[tensorrt]` table with its relative paths resolved against the model directory `dir`.
+    pub fn tensorrt_options(&self, dir: &Path) -> TensorRtOptions {
+        let mut trt = self.tensorrt.clone();
+        for path in [&mut trt.engine_cache_dir, &mut trt.timing_cache_dir, &mut trt.int8_calibration_table] {
+            if let Some(p) = path.as_mut().filter(|p| p.is_relative()) {
+                *p = dir.join(&*p);
+            }
+        }
+        trt
+    }
+
     /// The batcher's view of this model.
     pub fn batcher_config(&self) -> BatcherConfig {
         let b = &self.batching;
@@ -267,6 +338,12 @@ impl ModelConfig {
             return Err("batching.instance_count: must be between 1 and 64".into());
         }
         self.version_policy.validate()?;
+        self.tensorrt.validate()?;
+        for (i, b) in self.fallback.iter().enumerate() {
+            if self.fallback[..i].contains(b) {
+                return Err(format!("fallback: {b} is listed twice"));
+            }
+        }
         let b = &self.batching;
         if b.max_queue_delay_us > 10_000_000 {
             return Err("batching.max_queue_delay_us: must be at most 10 s".into());

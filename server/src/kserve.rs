@@ -602,6 +602,21 @@ pub struct ModelMetadataDoc<'a> {
     pub platform: &'a str,
     pub inputs: Vec<TensorMetadata<'a>>,
     pub outputs: Vec<TensorMetadata<'a>>,
+    /// kiln's extension: which backend was asked for and which one actually serves.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub backend: Option<BackendDoc<'a>>,
+}
+
+/// The `backend` object of a model's metadata.
+#[derive(Debug, Clone, Serialize)]
+pub struct BackendDoc<'a> {
+    /// The configured backend (`tensorrt`, `ort-cuda`, `cuda`, `cpu`).
+    pub requested: &'a str,
+    /// The one serving: `requested`, or the fallback that loaded.
+    pub serving: &'a str,
+    /// The engine as it names itself (`onnxruntime-tensorrt`, `kiln-cuda`, …).
+    pub engine: &'a str,
+    pub precision: &'a str,
 }
 
 pub fn model_metadata<'a>(
@@ -616,6 +631,7 @@ pub fn model_metadata<'a>(
         platform,
         inputs: meta.inputs.iter().map(TensorMetadata::from).collect(),
         outputs: meta.outputs.iter().map(TensorMetadata::from).collect(),
+        backend: None,
     }
 }
 

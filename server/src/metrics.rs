@@ -17,6 +17,7 @@
 //! | `kiln_execution_count_total{model}`               | counter   | `nv_inference_exec_count`          |
 //! | `kiln_inference_failures_total{model,reason}`     | counter   | `nv_inference_request_failure{reason}` |
 //! | `kiln_model_ready{model,version}`                 | gauge     | (Triton exposes readiness via API) |
+//! | `kiln_model_backend_info{model,version,requested,serving,engine,precision}` | gauge (1) | (none; Triton's model config) |
 //! | `kiln_process_resident_memory_bytes`              | gauge     | (none; `nv_cpu_memory_used_bytes` is host-wide) |
 //! | `kiln_process_cpu_seconds_total`                  | counter   | (node exporter style)              |
 //! | `kiln_gpu_utilization_ratio{gpu}`                 | gauge     | `nv_gpu_utilization`               |
@@ -95,6 +96,17 @@ struct ReadyLabels {
     version: String,
 }
 
+/// Which backend serves a model version; `requested` differs from `serving` after a fallback.
+#[derive(EncodeLabelSet, Clone, Hash, PartialEq, Eq, Debug)]
+pub struct BackendLabels {
+    pub model: String,
+    pub version: String,
+    pub requested: String,
+    pub serving: String,
+    pub engine: String,
+    pub precision: String,
+}
+
 #[derive(EncodeLabelSet, Clone, Hash, PartialEq, Eq, Debug)]
 struct GpuLabels {
     gpu: String,
@@ -123,6 +135,7 @@ pub struct Metrics {
     executions: Family<ModelLabels, Counter>,
     failures: Family<FailureLabels, Counter>,
     model_ready: Family<ReadyLabels, Gauge>,
+    model_backend: Family<BackendLabels, Gauge>,
 }
 
 impl Metrics {
@@ -138,6 +151,7 @@ impl Metrics {
             executions: Family::default(),
             failures: Family::default(),
             model_ready: Family::default(),
+            model_backend: Family::default(),
         };
         let r = &mut m.registry;
         // Counters are registered without `_total`: the encoder appends it.
@@ -151,6 +165,11 @@ impl Metrics {
         r.register("execution_count", "Successful batch executions", m.executions.clone());
         r.register("inference_failures", "Requests that got no inference result, by reason", m.failures.clone());
         r.register("model_ready", "1 when the model version is loaded and serving", m.model_ready.clone());
+        r.register(
+            "model_backend_info",
+            "1 for the backend and precision serving each loaded model version",
+            m.model_backend.clone(),
+        );
         r.register_collector(Box::new(ProcessCollector));
         r.register_collector(Box::new(GpuCollector::default()));
         Arc::new(m)
@@ -189,6 +208,15 @@ impl Metrics {
     pub fn set_model_ready(&self, model: &str, version: &str, ready: bool) {
         let labels = ReadyLabels { model: model.to_owned(), version: version.to_owned() };
         self.model_ready.get_or_create(&labels).set(i64::from(ready));
+    }
+
+    /// Publishes (`serving`) or withdraws the backend series of one model version.
+    pub fn set_model_backend(&self, labels: &BackendLabels, serving: bool) {
+        if serving {
+            self.model_backend.get_or_create(labels).set(1);
+        } else {
+            self.model_backend.remove(labels);
+        }
     }
 
     /// OpenMetrics text, ending in `# EOF`; process and GPU gauges are sampled now.
@@ -460,6 +488,24 @@ mod tests {
             assert_eq!(value(&text, "kiln_batch_size_bucket", &[model[0], ("le", &le)]), want, "le={le}");
         }
         assert_eq!(value(&text, "kiln_batch_size_bucket", &[model[0], ("le", "+Inf")]), 3.0);
+    }
+
+    #[test]
+    fn backend_info_is_published_and_withdrawn() {
+        let m = Metrics::new();
+        let labels = BackendLabels {
+            model: "resnet".into(),
+            version: "1".into(),
+            requested: "tensorrt".into(),
+            serving: "cpu".into(),
+            engine: "onnxruntime-cpu".into(),
+            precision: "fp32".into(),
+        };
+        m.set_model_backend(&labels, true);
+        let want = [("model", "resnet"), ("requested", "tensorrt"), ("serving", "cpu"), ("precision", "fp32")];
+        assert_eq!(value(&m.render(), "kiln_model_backend_info", &want), 1.0);
+        m.set_model_backend(&labels, false);
+        assert!(!m.render().contains("kiln_model_backend_info{"), "the series goes with the model");
     }
 
     #[test]

@@ -1,10 +1,11 @@
 //! A served model: its config, labels, preprocessing, and the batcher whose executors
 //! own the backend instances.
 
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use kiln_batcher::{Batcher, Executor, ExecutorError, Payload};
+use kiln_engine::providers::Provider;
 use kiln_engine::{Backend, Dim, ModelMetadata, OrtBackend, OrtOptions, OrtRuntime, Tensor};
 
 use crate::ServerError;
@@ -110,13 +111,70 @@ pub struct Model {
     /// Present when the config has `[input]`/`[output]`: `/predict` accepts images.
     pub classifier: Option<Classifier>,
     pub batcher: Batcher<ModelExecutor>,
+    /// The backend that serves: the configured one, or the first fallback that loaded.
+    pub serving: BackendKind,
+    /// The engine behind it as its backend names itself (`onnxruntime-tensorrt`, …).
+    pub engine: &'static str,
+    pub precision: &'static str,
+}
+
+/// What each executor opens its own backend instance from.
+#[derive(Debug, Clone)]
+enum Source {
+    Ort { runtime: OrtRuntime, model: PathBuf, options: OrtOptions },
+    Cuda(Arc<kiln_cuda::engine::Engine>),
+}
+
+impl Source {
+    /// Everything `kind` needs that is shared by the executors (the CUDA engine's weights).
+    fn new(
+        kind: BackendKind,
+        dir: &Path,
+        version: u64,
+        config: &ModelConfig,
+        runtime: &OrtRuntime,
+    ) -> Result<Self, ServerError> {
+        let model = dir.join(version.to_string()).join("model.onnx");
+        let provider = match kind {
+            BackendKind::Cuda => return Ok(Source::Cuda(cuda_engine(dir, version, config)?)),
+            BackendKind::Onnxruntime => Provider::Cpu,
+            BackendKind::OrtCuda => Provider::Cuda(config.ort_cuda.clone()),
+            BackendKind::TensorRt => Provider::TensorRt(Box::new(config.tensorrt_options(dir))),
+        };
+        let options =
+            OrtOptions { intra_threads: config.batching.intra_threads, provider, max_batch: config.max_batch_size };
+        Ok(Source::Ort { runtime: runtime.clone(), model, options })
+    }
+
+    fn open(&self) -> Result<Box<dyn Backend>, kiln_engine::EngineError> {
+        Ok(match self {
+            Source::Ort { runtime, model, options } => Box::new(OrtBackend::load(runtime, model, options)?),
+            // One execution context (stream, arena, CUDA graphs) per executor.
+            Source::Cuda(engine) => Box::new(
+                kiln_cuda::backend::CudaBackend::new(engine)
+                    .map_err(|e| kiln_engine::EngineError::Inference(e.to_string()))?,
+            ),
+        })
+    }
 }
 
 impl Model {
-    /// The platform reported by the metadata endpoint.
+    /// The labels of this version's `kiln_model_backend_info` series.
+    pub(crate) fn backend_labels(&self) -> crate::metrics::BackendLabels {
+        crate::metrics::BackendLabels {
+            model: self.name.clone(),
+            version: self.version.to_string(),
+            requested: self.config.backend.name().into(),
+            serving: self.serving.name().into(),
+            engine: self.engine.into(),
+            precision: self.precision.into(),
+        }
+    }
+
+    /// The platform reported by the metadata endpoint (Triton's names where they exist).
     pub fn backend_name(&self) -> &'static str {
-        match self.config.backend {
-            BackendKind::Onnxruntime => "onnxruntime_onnx",
+        match self.serving {
+            BackendKind::Onnxruntime | BackendKind::TensorRt | BackendKind::OrtCuda => "onnxruntime_onnx",
             BackendKind::Cuda => "kiln_cuda_plan",
         }
     }
@@ -152,6 +210,39 @@ impl Model {
         chosen.into_iter().map(|v| Self::load_version(dir, &config, v, &runtime, metrics)).collect()
     }
 
+    /// Opens the first backend of `backend` + `fallback` that loads here. Each failure is
+    /// logged with its reason; if none loads, the error lists every backend's reason.
+    fn first_backend(
+        dir: &Path,
+        config: &ModelConfig,
+        version: u64,
+        runtime: &OrtRuntime,
+    ) -> Result<(BackendKind, Source, Box<dyn Backend>), ServerError> {
+        let mut failures = Vec::new();
+        for kind in BackendKind::order(config.backend, &config.fallback) {
+            let opened = Source::new(kind, dir, version, config, runtime)
+                .and_then(|source| source.open().map(|b| (source, b)).map_err(ServerError::Engine));
+            match opened {
+                Ok((source, backend)) => {
+                    if !failures.is_empty() {
+                        tracing::warn!(
+                            model = %config.name, version, requested = %config.backend, serving = %kind,
+                            "backend {} could not load; serving with fallback {kind}: {}",
+                            config.backend, failures.join("; ")
+                        );
+                    }
+                    return Ok((kind, source, backend));
+                }
+                Err(e) => {
+                    tracing::warn!(model = %config.name, version, backend = %kind, error = %e, "backend could not load");
+                    failures.push(format!("backend {kind}: {e}"));
+                }
+            }
+        }
+        let hint = if config.fallback.is_empty() { " (no fallback configured)" } else { "" };
+        Err(ServerError::ModelStart { name: config.name.clone(), reason: format!("{}{hint}", failures.join("; ")) })
+    }
+
     fn load_version(
         dir: &Path,
         config: &ModelConfig,
@@ -161,18 +252,9 @@ impl Model {
     ) -> Result<Arc<Self>, ServerError> {
         let config_path = dir.join("config.toml");
         let bad = |reason: String| ServerError::Config { path: config_path.clone(), reason };
-        let model_file = dir.join(version.to_string()).join("model.onnx");
-        let options = OrtOptions { intra_threads: config.batching.intra_threads };
-        let engine = match config.backend {
-            BackendKind::Onnxruntime => None,
-            BackendKind::Cuda => Some(cuda_engine(dir, version, config)?),
-        };
-        let probe: Box<dyn Backend> = match &engine {
-            None => Box::new(OrtBackend::load(runtime, &model_file, &options)?),
-            Some(engine) => Box::new(kiln_cuda::backend::CudaBackend::new(engine).map_err(|e| bad(e.to_string()))?),
-        };
+        let (serving, source, probe) = Self::first_backend(dir, config, version, runtime)?;
         let metadata = probe.metadata().clone();
-        let probe_name = probe.name();
+        let (engine, precision) = (probe.name(), probe.precision());
         // Requests are stacked along axis 0, so batching needs it dynamic everywhere.
         if config.max_batch_size > 1 {
             let fixed =
@@ -190,21 +272,14 @@ impl Model {
             _ => None,
         };
 
-        // Executor 0 reuses the probe session; the others load their own. Each runs one
+        // Executor 0 reuses the probe backend; the others open their own. Each runs one
         // warm-up batch before it reports ready, so the first request is not the slow one.
         let first = std::sync::Mutex::new(Some(probe));
-        let runtime = runtime.clone();
         let factory = move |index: usize| -> Result<ModelExecutor, ExecutorError> {
             let reused = if index == 0 { first.lock().ok().and_then(|mut s| s.take()) } else { None };
-            let mut backend: Box<dyn Backend> = match (reused, &engine) {
-                (Some(b), _) => b,
-                (None, None) => Box::new(
-                    OrtBackend::load(&runtime, &model_file, &options).map_err(|e| ExecutorError(e.to_string()))?,
-                ),
-                // One execution context (stream, arena, CUDA graphs) per executor.
-                (None, Some(engine)) => {
-                    Box::new(kiln_cuda::backend::CudaBackend::new(engine).map_err(|e| ExecutorError(e.to_string()))?)
-                }
+            let mut backend = match reused {
+                Some(b) => b,
+                None => source.open().map_err(|e| ExecutorError(e.to_string()))?,
             };
             warm_up(backend.as_mut()).map_err(|e| ExecutorError(format!("warm-up failed: {e}")))?;
             Ok(ModelExecutor { backend })
@@ -212,8 +287,18 @@ impl Model {
         let observer = Some(metrics.model_observer(&config.name));
         let batcher = Batcher::spawn_observed(config.batcher_config(), observer, factory)
             .map_err(|e| ServerError::ModelStart { name: config.name.clone(), reason: e.to_string() })?;
-        tracing::info!(model = %config.name, version, backend = probe_name, "model loaded");
-        Ok(Arc::new(Self { name: config.name.clone(), version, metadata, classifier, batcher, config: config.clone() }))
+        tracing::info!(model = %config.name, version, backend = engine, precision, "model loaded");
+        Ok(Arc::new(Self {
+            name: config.name.clone(),
+            version,
+            metadata,
+            classifier,
+            batcher,
+            config: config.clone(),
+            serving,
+            engine,
+            precision,
+        }))
     }
 }
 

@@ -87,6 +87,7 @@ impl Repository {
         let models = Model::load_all(dir, &self.ort_library, self.backend, &self.metrics)?;
         for m in &models {
             self.metrics.set_model_ready(&m.name, &m.version.to_string(), true);
+            self.metrics.set_model_backend(&m.backend_labels(), true);
         }
         Ok(models.into_iter().map(|m| (m.version, m)).collect())
     }
@@ -158,6 +159,12 @@ impl Repository {
         for (version, model) in retired.into_iter().flatten() {
             if current.get(name).is_none_or(|now| !now.contains_key(&version)) {
                 self.metrics.set_model_ready(name, &version.to_string(), false);
+            }
+            // A reload may serve the same version on another backend: withdraw this one's
+            // series unless the current model publishes identical labels.
+            let labels = model.backend_labels();
+            if current.get(name).and_then(|now| now.get(&version)).is_none_or(|m| m.backend_labels() != labels) {
+                self.metrics.set_model_backend(&labels, false);
             }
             draining.push(Arc::downgrade(&model));
         }

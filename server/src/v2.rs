@@ -131,7 +131,13 @@ fn metadata(state: &AppState, model: &Model) -> HttpResponse {
     let mut versions: Vec<String> =
         table.get(&model.name).map(|v| v.keys().map(u64::to_string).collect()).unwrap_or_default();
     versions.reverse(); // newest first
-    let doc = kserve::model_metadata(&model.name, &versions, model.backend_name(), &model.metadata);
+    let mut doc = kserve::model_metadata(&model.name, &versions, model.backend_name(), &model.metadata);
+    doc.backend = Some(kserve::BackendDoc {
+        requested: model.config.backend.name(),
+        serving: model.serving.name(),
+        engine: model.engine,
+        precision: model.precision,
+    });
     json_response(StatusCode::OK, &doc)
 }
 

@@ -1,0 +1,142 @@
+//! `kiln build --backend tensorrt`: builds the TensorRT engines of a model ahead of serving,
+//! into the same keyed cache directory `kiln serve` (with `backend = "tensorrt"`) will look
+//! in, so no first request waits minutes for an engine build.
+
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, bail};
+use indicatif::{ProgressBar, ProgressStyle};
+use kiln_engine::builder::human_bytes;
+use kiln_engine::providers::{AxisRange, Provider, TensorRtOptions, TrtPrecision};
+use kiln_engine::{Backend, Dim, OrtBackend, OrtOptions, OrtRuntime, Tensor};
+use kiln_server::ModelConfig;
+
+use crate::build::{BuildArgs, PrecisionArg, parse_profile};
+
+/// The model config the server will use: `--config`, or the repository layout's
+/// `<model>/config.toml` above `<model>/<version>/model.onnx`.
+fn model_config(args: &BuildArgs) -> anyhow::Result<Option<(ModelConfig, PathBuf)>> {
+    let path = match &args.config {
+        Some(p) => p.clone(),
+        None => match args.model.parent().and_then(Path::parent) {
+            Some(dir) if dir.join("config.toml").is_file() => dir.join("config.toml"),
+            _ => return Ok(None),
+        },
+    };
+    let config = ModelConfig::load(&path)?;
+    let dir = path.parent().map(Path::to_path_buf).unwrap_or_default();
+    Ok(Some((config, dir)))
+}
+
+fn range(symbol: &str, text: &str) -> anyhow::Result<AxisRange> {
+    let p = parse_profile(symbol, text)?;
+    Ok([p.min, p.opt, p.max])
+}
+
+/// The TensorRT options and largest batch: the model config's, overridden by flags.
+fn options(args: &BuildArgs) -> anyhow::Result<(TensorRtOptions, usize)> {
+    let (mut trt, max_batch) = match model_config(args)? {
+        Some((config, dir)) => {
+            println!("model config: {}", dir.join("config.toml").display());
+            (config.tensorrt_options(&dir), config.max_batch_size)
+        }
+        None => (TensorRtOptions::default(), 64),
+    };
+    if let Some(p) = args.precision {
+        trt.precision = match p {
+            PrecisionArg::Fp32 => TrtPrecision::Fp32,
+            PrecisionArg::Fp16 => TrtPrecision::Fp16,
+            PrecisionArg::Int8 => TrtPrecision::Int8,
+        };
+    }
+    if let Some(b) = &args.batch {
+        trt.batch = Some(range("batch", b)?);
+    }
+    if let Some(s) = &args.seq {
+        trt.seq = Some(range("seq", s)?);
+    }
+    let overrides = [
+        (&args.engine_cache, &mut trt.engine_cache_dir),
+        (&args.calibration_table, &mut trt.int8_calibration_table),
+    ];
+    for (flag, field) in overrides {
+        if let Some(p) = flag {
+            *field = Some(p.clone());
+        }
+    }
+    trt.workspace_mib = args.workspace_mib.or(trt.workspace_mib);
+    trt.device_id = args.device.unwrap_or(trt.device_id);
+    if let Err(e) = trt.validate() {
+        bail!("{e}");
+    }
+    Ok((trt, max_batch))
+}
+
+fn spinner(msg: &str) -> ProgressBar {
+    let bar = crate::build::bar(0);
+    if let Ok(style) = ProgressStyle::with_template("{spinner} {msg} ({elapsed})") {
+        bar.set_style(style);
+    }
+    bar.set_message(msg.to_string());
+    bar.enable_steady_tick(Duration::from_millis(120));
+    bar
+}
+
+/// Zero inputs with every dynamic axis set: axis 0 to `batch`, the others to `seq`.
+fn zero_inputs(backend: &dyn Backend, batch: usize, seq: usize) -> anyhow::Result<Vec<Tensor>> {
+    let inputs = backend.metadata().inputs.iter().map(|spec| {
+        let shape = spec
+            .shape
+            .iter()
+            .enumerate()
+            .map(|(axis, d)| match d {
+                Dim::Fixed(n) => *n,
+                Dim::Dynamic if axis == 0 => batch,
+                Dim::Dynamic => seq,
+            })
+            .collect();
+        Tensor::zeros(spec.dtype, shape)
+    });
+    Ok(inputs.collect::<Result<Vec<_>, _>>()?)
+}
+
+pub fn warm(args: &BuildArgs) -> anyhow::Result<()> {
+    let (trt, max_batch) = options(args)?;
+    let runtime = OrtRuntime::load(&args.ort_library).context("--backend tensorrt needs ONNX Runtime")?;
+    let [b_min, b_opt, b_max] = trt.batch.unwrap_or([1, max_batch, max_batch]);
+    let [s_min, s_opt, s_max] = trt.seq.unwrap_or([1, 128, 512]);
+    let precision = trt.precision.name();
+    let provider = Provider::TensorRt(Box::new(trt));
+    let opts = OrtOptions { intra_threads: 0, provider, max_batch };
+    let progress = spinner(&format!("building {precision} TensorRT engines for {}", args.model.display()));
+    let started = Instant::now();
+    let mut backend = match OrtBackend::load(&runtime, &args.model, &opts) {
+        Ok(b) => b,
+        Err(e) => {
+            progress.finish_and_clear();
+            return Err(e).context("kiln build --backend tensorrt");
+        }
+    };
+    // TensorRT builds lazily per input shape range; one run at each profile corner makes
+    // sure every engine exists and is serialised into the cache.
+    for (batch, seq) in [(b_min, s_min), (b_opt, s_opt), (b_max, s_max)] {
+        progress.set_message(format!("running batch {batch} (sequence {seq}) through TensorRT"));
+        let inputs = zero_inputs(&backend, batch, seq)?;
+        backend.run(&inputs).with_context(|| format!("running batch {batch} through TensorRT"))?;
+    }
+    progress.finish_and_clear();
+    let cache = backend.engine_cache_dir().context("the TensorRT session reported no engine cache")?;
+    println!("TensorRT engines ({precision}) built in {:.1} s", started.elapsed().as_secs_f64());
+    println!("engine cache: {}", cache.display());
+    let mut files: Vec<(String, u64)> = std::fs::read_dir(cache)
+        .with_context(|| format!("listing {}", cache.display()))?
+        .filter_map(Result::ok)
+        .filter_map(|e| Some((e.file_name().to_string_lossy().into_owned(), e.metadata().ok()?.len())))
+        .collect();
+    files.sort();
+    for (name, len) in files {
+        println!("  {name} ({})", human_bytes(usize::try_from(len).unwrap_or(usize::MAX)));
+    }
+    Ok(())
+}
