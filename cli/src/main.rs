@@ -34,6 +34,9 @@ enum Command {
     /// Measure a plan on the CUDA engine (like trtexec's run half): throughput, latency
     /// percentiles and the H2D / compute / D2H split per batch size, over several streams.
     Perf(Box<perf::PerfArgs>),
+    /// Report which ONNX Runtime execution providers (TensorRT, CUDA, CPU) can run here,
+    /// and for each one that cannot, the missing libraries and what to install.
+    Providers(trt::ProvidersArgs),
 }
 
 #[derive(Args, Debug)]
@@ -105,6 +108,7 @@ fn main() -> anyhow::Result<()> {
         Command::Build(args) => build::build(&args),
         Command::Inspect(args) => build::inspect(&args),
         Command::Perf(args) => perf::perf(&args),
+        Command::Providers(args) => trt::providers(&args),
     }
 }
 

@@ -6,9 +6,10 @@ use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, bail};
+use clap::Args;
 use indicatif::{ProgressBar, ProgressStyle};
 use kiln_engine::builder::human_bytes;
-use kiln_engine::providers::{AxisRange, Provider, TensorRtOptions, TrtPrecision};
+use kiln_engine::providers::{AxisRange, CudaOptions, Provider, TensorRtOptions, TrtPrecision, probe};
 use kiln_engine::{Backend, Dim, OrtBackend, OrtOptions, OrtRuntime, Tensor};
 use kiln_server::ModelConfig;
 
@@ -56,10 +57,8 @@ fn options(args: &BuildArgs) -> anyhow::Result<(TensorRtOptions, usize)> {
     if let Some(s) = &args.seq {
         trt.seq = Some(range("seq", s)?);
     }
-    let overrides = [
-        (&args.engine_cache, &mut trt.engine_cache_dir),
-        (&args.calibration_table, &mut trt.int8_calibration_table),
-    ];
+    let overrides =
+        [(&args.engine_cache, &mut trt.engine_cache_dir), (&args.calibration_table, &mut trt.int8_calibration_table)];
     for (flag, field) in overrides {
         if let Some(p) = flag {
             *field = Some(p.clone());
@@ -137,6 +136,38 @@ pub fn warm(args: &BuildArgs) -> anyhow::Result<()> {
     files.sort();
     for (name, len) in files {
         println!("  {name} ({})", human_bytes(usize::try_from(len).unwrap_or(usize::MAX)));
+    }
+    Ok(())
+}
+
+#[derive(Args, Debug)]
+pub struct ProvidersArgs {
+    /// Path of the ONNX Runtime shared library to check (the GPU build for TensorRT / CUDA).
+    #[arg(long, env = "KILN_ORT_LIBRARY", default_value = ".kiln/lib/libonnxruntime.so")]
+    ort_library: PathBuf,
+    /// The GPU to report on.
+    #[arg(long, default_value_t = 0)]
+    device: u32,
+}
+
+/// `kiln providers`: what each backend needs on this machine, as one report.
+pub fn providers(args: &ProvidersArgs) -> anyhow::Result<()> {
+    let runtime = OrtRuntime::load(&args.ort_library)?;
+    println!("ONNX Runtime: {} — {}", args.ort_library.display(), probe::onnxruntime_version(runtime.library()));
+    match probe::gpu_identity(args.device) {
+        Ok(gpu) => println!("GPU {}: {gpu}", args.device),
+        Err(e) => println!("GPU {}: none ({e})", args.device),
+    }
+    println!("TensorRT: {}", probe::tensorrt_version().unwrap_or_else(|| "libnvinfer.so.10 not found".into()));
+    let trt = TensorRtOptions { device_id: args.device, ..TensorRtOptions::default() };
+    let cuda = CudaOptions { device_id: args.device, ..CudaOptions::default() };
+    for provider in [Provider::TensorRt(Box::new(trt)), Provider::Cuda(cuda), Provider::Cpu] {
+        let state = match runtime.check_provider(&provider) {
+            Ok(()) => "ready".to_string(),
+            Err(kiln_engine::EngineError::ProviderUnavailable { detail, .. }) => format!("unavailable: {detail}"),
+            Err(e) => format!("unavailable: {e}"),
+        };
+        println!("{:<9} ({}): {state}", provider.config_name(), provider.ort_name());
     }
     Ok(())
 }

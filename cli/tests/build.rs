@@ -105,3 +105,37 @@ fn bad_models_profiles_and_plans_fail_clearly() -> anyhow::Result<()> {
     ensure!(!out.status.success() && text(&out.stderr).contains("plan"), "{}", text(&out.stderr));
     Ok(())
 }
+
+#[test]
+fn build_for_tensorrt_fails_clearly_without_tensorrt() -> anyhow::Result<()> {
+    let dir = TempDir::new("cli-build-trt")?;
+    let model = dir.path("r18.onnx");
+    kiln_onnx::save(&resnet(Depth::R18, 10, 3)?, &model)?;
+    let model = model.to_str().context("path")?;
+    let cpu = ort_library()?;
+    let out = kiln(&["build", model, "--backend", "tensorrt", "--ort-library", cpu.to_str().context("path")?])?;
+    let stderr = text(&out.stderr);
+    ensure!(!out.status.success(), "a TensorRT build succeeded without TensorRT: {stderr}");
+    for needle in ["TensorrtExecutionProvider is unavailable", "CPU-only build", "onnxruntime-gpu==1.31.1"] {
+        ensure!(stderr.contains(needle), "{needle:?} missing from: {stderr}");
+    }
+    ensure!(!dir.path("trt_cache").exists(), "a cache directory was created for a build that could not run");
+
+    // The GPU build of ONNX Runtime without TensorRT installed: the missing libraries are named.
+    let gpu = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../.kiln/ort-gpu/libonnxruntime.so.1.31.1");
+    ensure!(gpu.is_file(), "{} is missing: run `scripts/setup --trainer`", gpu.display());
+    let gpu = gpu.to_str().context("path")?;
+    let out = kiln(&["build", model, "--backend", "tensorrt", "--precision", "int8", "--ort-library", gpu])?;
+    let stderr = text(&out.stderr);
+    ensure!(!out.status.success(), "{stderr}");
+    if !stderr.contains("libnvinfer.so.10") {
+        eprintln!("skipped the GPU-build half: TensorRT seems installed here ({stderr})");
+        return Ok(());
+    }
+    ensure!(stderr.contains("TensorRT 10 for CUDA 13") && stderr.contains("LD_LIBRARY_PATH"), "{stderr}");
+
+    // A kiln plan cannot be INT8 (yet): say so instead of building something else.
+    let out = kiln(&["build", model, "--precision", "int8"])?;
+    ensure!(!out.status.success() && text(&out.stderr).contains("--backend tensorrt"), "{}", text(&out.stderr));
+    Ok(())
+}

@@ -229,6 +229,40 @@ fn ort_library_that_is_not_a_library_is_a_clear_error() -> anyhow::Result<()> {
     Ok(())
 }
 
+#[test]
+fn providers_reports_what_can_run_here() -> anyhow::Result<()> {
+    let mut cmd = kiln();
+    cmd.arg("providers").arg("--ort-library").arg(ort_library()?);
+    let (status, stdout, stderr) = run_to_end(cmd, Duration::from_secs(60))?;
+    ensure!(status.success(), "kiln providers exited with {status}; stderr:\n{stderr}");
+    for needle in [
+        "ONNX Runtime: ",
+        "1.31.1",
+        "cpu       (CPUExecutionProvider): ready",
+        "tensorrt  (TensorrtExecutionProvider): unavailable: the ONNX Runtime library",
+        "ort-cuda  (CUDAExecutionProvider): unavailable",
+        "onnxruntime-gpu==1.31.1",
+    ] {
+        ensure!(stdout.contains(needle), "{needle:?} missing from:\n{stdout}");
+    }
+    Ok(())
+}
+
+#[test]
+fn serve_with_an_unavailable_backend_and_no_fallback_fails_clearly() -> anyhow::Result<()> {
+    let mut cmd = kiln();
+    cmd.args(["serve", "--port", "0", "--backend", "tensorrt", "--model-repository"]).arg(model_repository()?);
+    cmd.arg("--ort-library").arg(ort_library()?);
+    let (status, stdout, stderr) = run_to_end(cmd, Duration::from_secs(60))?;
+    ensure!(!status.success(), "kiln served TensorRT without TensorRT; stdout:\n{stdout}\nstderr:\n{stderr}");
+    ensure!(!stderr.contains("panicked"), "kiln panicked:\n{stderr}");
+    for needle in ["efficientnet_lite0", "backend tensorrt", "TensorrtExecutionProvider is unavailable"] {
+        ensure!(stderr.contains(needle), "{needle:?} missing from:\n{stderr}");
+    }
+    ensure!(!stdout.contains("listening"), "kiln claimed to listen:\n{stdout}");
+    Ok(())
+}
+
 /// The tensor test models `make setup` builds: they load in a moment.
 fn test_model_repository() -> anyhow::Result<PathBuf> {
     let repo = workspace_root().join(".kiln/test-models");

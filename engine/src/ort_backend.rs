@@ -108,7 +108,7 @@ fn execution_providers(
             if t.cuda_fallback {
                 runtime.check_provider(&Provider::Cuda(behind.clone()))?;
             }
-            let env = probe::environment(t.device_id)
+            let env = probe::environment(t.device_id, runtime.library())
                 .map_err(|e| EngineError::ProviderUnavailable { provider: p.ort_name(), detail: e.to_string() })?;
             let setup = providers::prepare_tensorrt(t, model, options.max_batch, &env)?;
             let mut ep = ort::ep::TensorRT::default();

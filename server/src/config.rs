@@ -435,6 +435,42 @@ mod tests {
     }
 
     #[test]
+    fn backends_parse_and_fall_back_in_order() -> Result<(), String> {
+        let c = parse("name = \"t\"\nmax_batch_size = 4")?;
+        assert_eq!((c.backend, c.fallback.len()), (BackendKind::Onnxruntime, 0));
+        let c = parse(
+            r#"
+            name = "t"
+            max_batch_size = 8
+            backend = "tensorrt"
+            fallback = ["tensorrt", "ort-cuda", "cpu"]
+            [tensorrt]
+            precision = "int8"
+            int8_calibration_table = "calib/table.bin"
+            engine_cache_dir = "/var/cache/kiln"
+            batch = [1, 4, 8]
+            [ort_cuda]
+            device_id = 1
+            "#,
+        )?;
+        let order = BackendKind::order(c.backend, &c.fallback);
+        assert_eq!(order, [BackendKind::TensorRt, BackendKind::OrtCuda, BackendKind::Onnxruntime]);
+        assert_eq!(c.ort_cuda.device_id, 1);
+        let trt = c.tensorrt_options(Path::new("/models/t"));
+        assert_eq!(trt.int8_calibration_table.as_deref(), Some(Path::new("/models/t/calib/table.bin")));
+        assert_eq!(trt.engine_cache_dir.as_deref(), Some(Path::new("/var/cache/kiln")), "absolute paths stay");
+        assert_eq!(trt.batch, Some([1, 4, 8]));
+        for name in ["cpu", "onnxruntime", "cuda", "tensorrt", "ort-cuda"] {
+            let kind = BackendKind::parse(name).ok_or(name)?;
+            let toml_name = if name == "onnxruntime" { "cpu" } else { name };
+            assert_eq!(kind.name(), toml_name);
+            let c = parse(&format!("name = \"t\"\nmax_batch_size = 4\nbackend = \"{name}\""))?;
+            assert_eq!(c.backend, kind);
+        }
+        Ok(())
+    }
+
+    #[test]
     fn tensor_only_models_need_no_image_tables() -> Result<(), String> {
         let c = parse("name = \"t\"\nmax_batch_size = 4")?;
         assert!(c.input.is_none() && c.output.is_none());
@@ -457,6 +493,17 @@ mod tests {
             (format!("{GOOD}\n[batching]\npriority_levels = 2\ndefault_priority_level = 3"), "default_priority_level"),
             (format!("{GOOD}\n[batching]\ntarget_p99_ms = -1.0"), "batching.target_p99_ms"),
             (format!("{GOOD}\n[batching]\ndefault_timeout_ms = 0"), "batching.default_timeout_ms"),
+            (GOOD.replace("max_batch_size = 4", "max_batch_size = 4\nfallback = [\"cpu\", \"cpu\"]"), "fallback"),
+            (GOOD.replace("max_batch_size = 4", "max_batch_size = 4\nfallback = [\"gpu\"]"), "fallback"),
+            (GOOD.replace("max_batch_size = 4", "max_batch_size = 4\nbackend = \"trt\""), "backend"),
+            (format!("{GOOD}\n[tensorrt]\nbatch = [4, 2, 8]"), "tensorrt.batch"),
+            (format!("{GOOD}\n[tensorrt]\nseq = [0, 128, 512]"), "tensorrt.seq"),
+            (format!("{GOOD}\n[tensorrt]\nbuilder_optimization_level = 9"), "tensorrt.builder_optimization_level"),
+            (format!("{GOOD}\n[tensorrt]\nworkspace_mib = 0"), "tensorrt.workspace_mib"),
+            (format!("{GOOD}\n[tensorrt]\nint8_calibration_table = \"c.bin\""), "tensorrt.int8_calibration_table"),
+            (format!("{GOOD}\n[tensorrt]\nprecision = \"int4\""), "precision"),
+            (format!("{GOOD}\n[tensorrt]\nfp16 = true"), "fp16"),
+            (format!("{GOOD}\n[ort_cuda]\nconv_algo_search = \"fastest\""), "conv_algo_search"),
         ];
         for (text, field) in cases {
             match parse(&text) {

@@ -220,8 +220,14 @@ impl Model {
     ) -> Result<(BackendKind, Source, Box<dyn Backend>), ServerError> {
         let mut failures = Vec::new();
         for kind in BackendKind::order(config.backend, &config.fallback) {
-            let opened = Source::new(kind, dir, version, config, runtime)
-                .and_then(|source| source.open().map(|b| (source, b)).map_err(ServerError::Engine));
+            // The first run counts as loading: TensorRT builds (or deserialises) its engines
+            // there, before any other executor opens the same cache, and a failure there
+            // still falls back.
+            let opened = Source::new(kind, dir, version, config, runtime).and_then(|source| {
+                let mut backend = source.open()?;
+                warm_up(backend.as_mut())?;
+                Ok((source, backend))
+            });
             match opened {
                 Ok((source, backend)) => {
                     if !failures.is_empty() {
@@ -272,15 +278,15 @@ impl Model {
             _ => None,
         };
 
-        // Executor 0 reuses the probe backend; the others open their own. Each runs one
-        // warm-up batch before it reports ready, so the first request is not the slow one.
+        // Executor 0 reuses the probe backend (warmed up above); the others open their own and
+        // run one warm-up batch before they report ready, so no first request is the slow one.
         let first = std::sync::Mutex::new(Some(probe));
         let factory = move |index: usize| -> Result<ModelExecutor, ExecutorError> {
             let reused = if index == 0 { first.lock().ok().and_then(|mut s| s.take()) } else { None };
-            let mut backend = match reused {
-                Some(b) => b,
-                None => source.open().map_err(|e| ExecutorError(e.to_string()))?,
-            };
+            if let Some(backend) = reused {
+                return Ok(ModelExecutor { backend });
+            }
+            let mut backend = source.open().map_err(|e| ExecutorError(e.to_string()))?;
             warm_up(backend.as_mut()).map_err(|e| ExecutorError(format!("warm-up failed: {e}")))?;
             Ok(ModelExecutor { backend })
         };

@@ -162,6 +162,36 @@ pub fn test_model_repository() -> anyhow::Result<PathBuf> {
     Ok(repo)
 }
 
+/// A repository in `dir` holding the `add_sub` test model as version 1 with `config`
+/// (its `config.toml`); returns the repository root.
+pub fn add_sub_repository(dir: &TempDir, config: &str) -> anyhow::Result<PathBuf> {
+    let source = std::fs::canonicalize(test_model_repository()?.join("add_sub/1/model.onnx"))?;
+    let model_dir = dir.path("repo/add_sub");
+    std::fs::create_dir_all(model_dir.join("1"))?;
+    std::fs::copy(&source, model_dir.join("1/model.onnx"))?;
+    std::fs::write(model_dir.join("config.toml"), config)?;
+    Ok(dir.path("repo"))
+}
+
+/// One `add_sub` request (INPUT0 = 3, INPUT1 = 1 over 16 elements) and its checked answer
+/// (OUTPUT0 = 4, OUTPUT1 = 2 everywhere).
+pub async fn check_add_sub_infer(client: &reqwest::Client, url: &str) -> anyhow::Result<()> {
+    let request = serde_json::json!({"inputs": [
+        {"name": "INPUT0", "shape": [1, 16], "datatype": "FP32", "data": vec![3.0f32; 16]},
+        {"name": "INPUT1", "shape": [1, 16], "datatype": "FP32", "data": vec![1.0f32; 16]},
+    ]});
+    let resp = client.post(url).json(&request).send().await?;
+    ensure!(resp.status() == 200, "status {}: {}", resp.status(), resp.text().await?);
+    let body: serde_json::Value = resp.json().await?;
+    let outputs = body["outputs"].as_array().context("no outputs")?;
+    for (name, want) in [("OUTPUT0", 4.0), ("OUTPUT1", 2.0)] {
+        let out = outputs.iter().find(|o| o["name"] == name).with_context(|| format!("{name} missing: {body}"))?;
+        let data = out["data"].as_array().context("no data")?;
+        ensure!(data.len() == 16 && data.iter().all(|v| v.as_f64() == Some(want)), "{name}: {out}");
+    }
+    Ok(())
+}
+
 /// A server configuration for the tensor test models on 127.0.0.1, port 0.
 pub fn test_models_config() -> anyhow::Result<ServerConfig> {
     let addr: SocketAddr = "127.0.0.1:0".parse()?;

@@ -222,7 +222,7 @@ fn exported_at<N: Network>(net: &N, dir: &TempDir, name: &str, opset: i64) -> an
     let path = dir.path(name);
     export_to_file(net, &path, opset)?;
     python_check(&path)?;
-    Ok(OrtBackend::load(&runtime()?, &path, &OrtOptions { intra_threads: 2 })?)
+    Ok(OrtBackend::load(&runtime()?, &path, &OrtOptions { intra_threads: 2, ..OrtOptions::default() })?)
 }
 
 fn python_check(path: &Path) -> anyhow::Result<()> {

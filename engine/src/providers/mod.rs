@@ -13,8 +13,8 @@ use std::path::PathBuf;
 
 use serde::{Deserialize, Serialize};
 
-pub use tensorrt::{CacheKey, ShapeProfiles, TrtSetup, cuda_options, profiles, tensorrt_options};
 pub(crate) use tensorrt::prepare as prepare_tensorrt;
+pub use tensorrt::{CacheKey, ShapeProfiles, TrtSetup, cuda_options, profiles, tensorrt_options};
 
 /// The execution provider one ONNX Runtime session runs on.
 #[derive(Debug, Clone, Default, PartialEq)]

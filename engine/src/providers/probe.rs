@@ -74,7 +74,9 @@ pub fn check(provider: &Provider, ort_library: &Path) -> Result<(), Unavailable>
                 install: vec![gpu_runtime],
             });
         }
-        Err(e) => return Err(Unavailable { reason: format!("cannot list ONNX Runtime's providers: {e}"), install: vec![] }),
+        Err(e) => {
+            return Err(Unavailable { reason: format!("cannot list ONNX Runtime's providers: {e}"), install: vec![] });
+        }
     }
     let library = runtime_dir(ort_library).join(file);
     if !library.is_file() {
@@ -95,10 +97,7 @@ pub fn check(provider: &Provider, ort_library: &Path) -> Result<(), Unavailable>
         }
     }
     install.push("then put their directories on LD_LIBRARY_PATH".into());
-    Err(Unavailable {
-        reason: format!("{name} needs {} which the loader cannot find", missing.join(", ")),
-        install,
-    })
+    Err(Unavailable { reason: format!("{name} needs {} which the loader cannot find", missing.join(", ")), install })
 }
 
 /// What provides a library, in words a user can act on.
@@ -111,8 +110,8 @@ pub fn install_hint(soname: &str) -> &'static str {
         "libcudnn" => "install cuDNN 9 for CUDA 13 (PyPI nvidia-cudnn-cu13, or NVIDIA's cuDNN 9 packages)",
         "libcuda" => "install the NVIDIA driver (libcuda.so.1 comes with it; 580 or newer for CUDA 13)",
         "libcudart" | "libcublas" | "libcublasLt" | "libcurand" | "libcufft" | "libnvrtc" => {
-            "install the CUDA 13 runtime libraries (the CUDA 13 toolkit, or PyPI nvidia-cuda-runtime, nvidia-cublas \
-             and nvidia-curand 13.x)"
+            "install the CUDA 13 runtime libraries (the CUDA 13 toolkit, or PyPI nvidia-cuda-runtime 13.x, \
+             nvidia-cublas 13.x and nvidia-curand 10.4.x, which land in site-packages/nvidia/cu13/lib)"
         }
         _ => "install the package that provides it",
     }
@@ -172,22 +171,24 @@ pub fn gpu_identity(device: u32) -> Result<String, String> {
     Ok(format!("{name} (sm_{}{})", cc.major, cc.minor))
 }
 
-/// The loaded ONNX Runtime's build string (`ORT Build Info: git-branch=rel-1.31.1, …`).
-pub fn onnxruntime_build() -> String {
-    ort::info().to_string()
+/// The ONNX Runtime release (from the real library's file name, `libonnxruntime.so.1.31.1`)
+/// and its build string (`git-commit-id=…`), which names the exact build.
+pub fn onnxruntime_version(ort_library: &Path) -> String {
+    let real = std::fs::canonicalize(ort_library).unwrap_or_else(|_| ort_library.to_path_buf());
+    let file = real.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
+    let release = file.split_once(".so.").map_or("unknown release", |(_, v)| v).to_string();
+    format!("{release} ({})", ort::info())
 }
 
-/// The cache-key facts for a TensorRT session on `device`.
-pub fn environment(device: u32) -> Result<Environment, Unavailable> {
-    let gpu = gpu_identity(device).map_err(|reason| Unavailable {
-        reason,
-        install: vec![install_hint("libcuda.so.1").to_string()],
-    })?;
+/// The cache-key facts for a TensorRT session on `device` with the runtime from `ort_library`.
+pub fn environment(device: u32, ort_library: &Path) -> Result<Environment, Unavailable> {
+    let gpu = gpu_identity(device)
+        .map_err(|reason| Unavailable { reason, install: vec![install_hint("libcuda.so.1").to_string()] })?;
     let tensorrt = tensorrt_version().ok_or_else(|| Unavailable {
         reason: "libnvinfer.so.10 does not report its version (getInferLibVersion)".into(),
         install: vec![install_hint("libnvinfer.so.10").to_string()],
     })?;
-    Ok(Environment { gpu, tensorrt, onnxruntime: onnxruntime_build() })
+    Ok(Environment { gpu, tensorrt, onnxruntime: onnxruntime_version(ort_library) })
 }
 
 #[cfg(test)]

@@ -72,7 +72,8 @@ fn declared_inputs(model: &kiln_onnx::proto::ModelProto) -> Result<DeclaredInput
             Some(type_proto::Value::TensorType(t)) => t.shape.as_ref(),
             None => None,
         };
-        let shape = shape.ok_or_else(|| format!("input {:?} declares no shape; TensorRT needs its rank", input.name))?;
+        let shape =
+            shape.ok_or_else(|| format!("input {:?} declares no shape; TensorRT needs its rank", input.name))?;
         let dims = shape
             .dim
             .iter()
@@ -238,9 +239,10 @@ pub(crate) fn prepare(
 }
 
 fn has_qdq(model: &kiln_onnx::proto::ModelProto) -> bool {
-    model.graph.as_ref().is_some_and(|g| {
-        g.node.iter().any(|n| matches!(n.op_type.as_str(), "QuantizeLinear" | "DequantizeLinear"))
-    })
+    model
+        .graph
+        .as_ref()
+        .is_some_and(|g| g.node.iter().any(|n| matches!(n.op_type.as_str(), "QuantizeLinear" | "DequantizeLinear")))
 }
 
 #[cfg(test)]
@@ -380,8 +382,8 @@ mod tests {
 
     #[test]
     fn declared_inputs_skip_initializers_and_mark_dynamic_axes() -> Result<(), Box<dyn std::error::Error>> {
-        use kiln_onnx::{Dim, GraphBuilder};
         use kiln_onnx::DataType;
+        use kiln_onnx::{Dim, GraphBuilder};
         let mut g = GraphBuilder::new("g");
         let dims = [Dim::Symbolic("batch".into()), Dim::Fixed(3)];
         g.add_input("x", DataType::Float, &dims)?;
