@@ -109,7 +109,8 @@ pub struct ServerConfig {
     pub tls: Option<TlsFiles>,
     /// How long shutdown waits for open connections before closing them.
     pub drain_timeout: Duration,
-    /// Serve every model with this backend, whatever its config says (`kiln serve --backend`).
+    /// Serve every model with this backend, whatever its config says (`kiln serve --backend`);
+    /// each model's `fallback` list still applies.
     pub backend: Option<config::BackendKind>,
 }
 

@@ -502,7 +502,14 @@ mod tests {
             precision: "fp32".into(),
         };
         m.set_model_backend(&labels, true);
-        let want = [("model", "resnet"), ("requested", "tensorrt"), ("serving", "cpu"), ("precision", "fp32")];
+        let want = [
+            ("model", "resnet"),
+            ("version", "1"),
+            ("requested", "tensorrt"),
+            ("serving", "cpu"),
+            ("engine", "onnxruntime-cpu"),
+            ("precision", "fp32"),
+        ];
         assert_eq!(value(&m.render(), "kiln_model_backend_info", &want), 1.0);
         m.set_model_backend(&labels, false);
         assert!(!m.render().contains("kiln_model_backend_info{"), "the series goes with the model");

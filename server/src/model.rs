@@ -317,6 +317,8 @@ fn cuda_engine(dir: &Path, version: u64, config: &ModelConfig) -> Result<Arc<kil
     use kiln_engine::plan::{Expect, Profile};
     let vdir = dir.join(version.to_string());
     let fail = |reason: String| ServerError::ModelStart { name: config.name.clone(), reason };
+    // Before building a plan: without a GPU the build would be wasted (and a fallback waits).
+    kiln_cuda::device::available().map_err(|e| fail(e.to_string()))?;
     let plan_file = vdir.join("model.plan");
     let plan = if plan_file.is_file() {
         kiln_engine::plan::load(&plan_file, &Expect::default()).map_err(|e| fail(e.to_string()))?

@@ -108,6 +108,23 @@ async fn the_fallback_order_is_honoured() -> anyhow::Result<()> {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn kilns_cuda_engine_without_a_gpu_falls_back_too() -> anyhow::Result<()> {
+    if kiln_cuda::device::available().is_ok() {
+        eprintln!("skipped: this machine has a GPU, so the CUDA engine would serve");
+        return Ok(());
+    }
+    let dir = TempDir::new("cuda-fallback")?;
+    let repo =
+        add_sub_repository(&dir, "name = \"add_sub\"\nmax_batch_size = 8\nbackend = \"cuda\"\nfallback = [\"cpu\"]\n")?;
+    let server = TestServer::start(config(repo)?).await?;
+    check_add_sub_infer(&reqwest::Client::new(), &server.url("/v2/models/add_sub/infer")).await?;
+    let meta = metadata(&server).await?;
+    let want = json!({"requested": "cuda", "serving": "cpu", "engine": "onnxruntime-cpu", "precision": "fp32"});
+    ensure!(meta["backend"] == want, "{meta}");
+    server.shutdown().await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_command_line_backend_overrides_the_config_and_keeps_its_fallback() -> anyhow::Result<()> {
     let dir = TempDir::new("override")?;
     let repo = add_sub_repository(&dir, "name = \"add_sub\"\nmax_batch_size = 8\nfallback = [\"cpu\"]\n")?;
