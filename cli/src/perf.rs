@@ -269,16 +269,7 @@ fn make_inputs(meta: &ModelMetadata, batch: usize, seq: usize, seed: u64) -> any
 }
 
 fn make_input(spec: &TensorSpec, batch: usize, seq: usize, rng: &mut fastrand::Rng) -> anyhow::Result<Tensor> {
-    let dims: Vec<usize> = spec
-        .shape
-        .iter()
-        .enumerate()
-        .map(|(axis, d)| match d {
-            Dim::Fixed(n) => *n,
-            Dim::Dynamic if axis == 0 => batch,
-            Dim::Dynamic => seq,
-        })
-        .collect();
+    let dims = spec.concrete_shape(batch, seq);
     let n: usize = dims.iter().product();
     let last = dims.last().copied().unwrap_or(1).max(1);
     let name = spec.name.to_ascii_lowercase();

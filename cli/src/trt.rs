@@ -10,7 +10,7 @@ use clap::Args;
 use indicatif::{ProgressBar, ProgressStyle};
 use kiln_engine::builder::human_bytes;
 use kiln_engine::providers::{AxisRange, CudaOptions, Provider, TensorRtOptions, TrtPrecision, probe};
-use kiln_engine::{Backend, Dim, OrtBackend, OrtOptions, OrtRuntime, Tensor};
+use kiln_engine::{Backend, OrtBackend, OrtOptions, OrtRuntime, Tensor};
 use kiln_server::ModelConfig;
 
 use crate::build::{BuildArgs, PrecisionArg, parse_profile};
@@ -84,19 +84,8 @@ fn spinner(msg: &str) -> ProgressBar {
 
 /// Zero inputs with every dynamic axis set: axis 0 to `batch`, the others to `seq`.
 fn zero_inputs(backend: &dyn Backend, batch: usize, seq: usize) -> anyhow::Result<Vec<Tensor>> {
-    let inputs = backend.metadata().inputs.iter().map(|spec| {
-        let shape = spec
-            .shape
-            .iter()
-            .enumerate()
-            .map(|(axis, d)| match d {
-                Dim::Fixed(n) => *n,
-                Dim::Dynamic if axis == 0 => batch,
-                Dim::Dynamic => seq,
-            })
-            .collect();
-        Tensor::zeros(spec.dtype, shape)
-    });
+    let inputs =
+        backend.metadata().inputs.iter().map(|spec| Tensor::zeros(spec.dtype, spec.concrete_shape(batch, seq)));
     Ok(inputs.collect::<Result<Vec<_>, _>>()?)
 }
 

@@ -15,6 +15,19 @@ pub struct TensorSpec {
 }
 
 impl TensorSpec {
+    /// A concrete shape: dynamic axis 0 becomes `batch`, any other dynamic axis `seq`.
+    pub fn concrete_shape(&self, batch: usize, seq: usize) -> Vec<usize> {
+        self.shape
+            .iter()
+            .enumerate()
+            .map(|(axis, d)| match d {
+                Dim::Fixed(n) => *n,
+                Dim::Dynamic if axis == 0 => batch,
+                Dim::Dynamic => seq,
+            })
+            .collect()
+    }
+
     /// Shape as the KServe protocol reports it: -1 for dynamic axes.
     pub fn shape_i64(&self) -> Vec<i64> {
         self.shape

@@ -365,10 +365,7 @@ fn warm_up(backend: &mut dyn Backend) -> Result<(), kiln_engine::EngineError> {
         .metadata()
         .inputs
         .iter()
-        .map(|spec| {
-            let shape: Vec<usize> = spec.shape.iter().map(|d| if let Dim::Fixed(n) = d { *n } else { 1 }).collect();
-            Tensor::zeros(spec.dtype, shape)
-        })
+        .map(|spec| Tensor::zeros(spec.dtype, spec.concrete_shape(1, 1)))
         .collect::<Result<Vec<_>, _>>()?;
     backend.run(&inputs).map(drop)
 }

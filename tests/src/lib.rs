@@ -173,6 +173,23 @@ pub fn add_sub_repository(dir: &TempDir, config: &str) -> anyhow::Result<PathBuf
     Ok(dir.path("repo"))
 }
 
+/// A server configuration for `repo` on 127.0.0.1, port 0, with the ONNX Runtime `ort`.
+pub fn loopback_config(repo: PathBuf, ort: PathBuf) -> anyhow::Result<ServerConfig> {
+    let addr: SocketAddr = "127.0.0.1:0".parse()?;
+    Ok(ServerConfig::new(addr, repo, ort))
+}
+
+/// The error `Server::bind` returns for an `add_sub` repository whose config is
+/// `model_config`; an error itself if the model loaded.
+pub async fn add_sub_load_error(tag: &str, model_config: &str, ort: PathBuf) -> anyhow::Result<String> {
+    let dir = TempDir::new(tag)?;
+    let repo = add_sub_repository(&dir, model_config)?;
+    match Server::bind(loopback_config(repo, ort)?).await {
+        Ok(_) => anyhow::bail!("the model loaded with {model_config:?}"),
+        Err(e) => Ok(e.to_string()),
+    }
+}
+
 /// One `add_sub` request (INPUT0 = 3, INPUT1 = 1 over 16 elements) and its checked answer
 /// (OUTPUT0 = 4, OUTPUT1 = 2 everywhere).
 pub async fn check_add_sub_infer(client: &reqwest::Client, url: &str) -> anyhow::Result<()> {

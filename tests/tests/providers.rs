@@ -3,26 +3,20 @@
 //! it fails to load with a message naming the missing provider and what to install; the
 //! fallback order is honoured.
 
-use std::net::SocketAddr;
-
 use anyhow::{Context, ensure};
-use kiln_server::{Server, ServerConfig};
-use kiln_tests::{TempDir, TestServer, add_sub_repository, check_add_sub_infer, clients, ort_library};
+use kiln_server::ServerConfig;
+use kiln_tests::{
+    TempDir, TestServer, add_sub_load_error, add_sub_repository, check_add_sub_infer, clients, loopback_config,
+    ort_library,
+};
 use serde_json::{Value, json};
 
 fn config(repo: std::path::PathBuf) -> anyhow::Result<ServerConfig> {
-    let addr: SocketAddr = "127.0.0.1:0".parse()?;
-    Ok(ServerConfig::new(addr, repo, ort_library()?))
+    loopback_config(repo, ort_library()?)
 }
 
-/// The error `Server::bind` returns for a repository whose model has `model_config`.
 async fn load_error(tag: &str, model_config: &str) -> anyhow::Result<String> {
-    let dir = TempDir::new(tag)?;
-    let repo = add_sub_repository(&dir, model_config)?;
-    match Server::bind(config(repo)?).await {
-        Ok(_) => anyhow::bail!("the model loaded, but no backend of {model_config:?} can run here"),
-        Err(e) => Ok(e.to_string()),
-    }
+    add_sub_load_error(tag, model_config, ort_library()?).await
 }
 
 async fn metadata(server: &TestServer) -> anyhow::Result<Value> {

@@ -6,13 +6,14 @@
 //!
 //! Its own test binary: ONNX Runtime allows one library per process.
 
-use std::net::SocketAddr;
 use std::path::PathBuf;
 
 use anyhow::{Context, ensure};
 use kiln_engine::providers::probe;
-use kiln_server::{Server, ServerConfig};
-use kiln_tests::{TempDir, TestServer, add_sub_repository, check_add_sub_infer, workspace_root};
+use kiln_server::ServerConfig;
+use kiln_tests::{
+    TempDir, TestServer, add_sub_load_error, add_sub_repository, check_add_sub_infer, loopback_config, workspace_root,
+};
 use serde_json::Value;
 
 fn gpu_ort_library() -> anyhow::Result<PathBuf> {
@@ -34,17 +35,11 @@ fn tensorrt_absent() -> bool {
 }
 
 fn config(repo: PathBuf) -> anyhow::Result<ServerConfig> {
-    let addr: SocketAddr = "127.0.0.1:0".parse()?;
-    Ok(ServerConfig::new(addr, repo, gpu_ort_library()?))
+    loopback_config(repo, gpu_ort_library()?)
 }
 
 async fn load_error(tag: &str, model_config: &str) -> anyhow::Result<String> {
-    let dir = TempDir::new(tag)?;
-    let repo = add_sub_repository(&dir, model_config)?;
-    match Server::bind(config(repo)?).await {
-        Ok(_) => anyhow::bail!("the model loaded with {model_config:?}"),
-        Err(e) => Ok(e.to_string()),
-    }
+    add_sub_load_error(tag, model_config, gpu_ort_library()?).await
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
