@@ -84,14 +84,14 @@ pub struct BuildArgs {
     arch: String,
     /// Where to write the plan (default: the model's path with `.plan`).
     #[arg(long)]
-    out: Option<PathBuf>,
+    pub(crate) out: Option<PathBuf>,
     /// Also write the build report as JSON here.
     #[arg(long)]
-    report: Option<PathBuf>,
+    pub(crate) report: Option<PathBuf>,
     /// Run the optimised graph on the reference executor and the ONNX file on ONNX
     /// Runtime with the same inputs; fail when an output's relative error exceeds --tolerance.
     #[arg(long)]
-    verify: bool,
+    pub(crate) verify: bool,
     /// Batch size of the verification inputs.
     #[arg(long, default_value_t = 2)]
     verify_batch: usize,
@@ -109,13 +109,13 @@ pub struct BuildArgs {
     /// `(pixel − mean) / std`, e.g. `--uint8-mean 127,127,127 --uint8-std 128,128,128`
     /// (replaces the model's FP32 image input; needs --uint8-std too).
     #[arg(long, value_delimiter = ',', requires = "uint8_std")]
-    uint8_mean: Option<Vec<f32>>,
+    pub(crate) uint8_mean: Option<Vec<f32>>,
     /// Per-channel std of --uint8-mean.
     #[arg(long, value_delimiter = ',', requires = "uint8_mean")]
     uint8_std: Option<Vec<f32>>,
     /// Timing cache file for GPU tactic selection, read and updated (reused across builds).
     #[arg(long, env = "KILN_TIMING_CACHE")]
-    timing_cache: Option<PathBuf>,
+    pub(crate) timing_cache: Option<PathBuf>,
 }
 
 #[derive(Args, Debug)]

@@ -20,10 +20,14 @@ use crate::build::{BuildArgs, PrecisionArg, parse_profile};
 fn model_config(args: &BuildArgs) -> anyhow::Result<Option<(ModelConfig, PathBuf)>> {
     let path = match &args.config {
         Some(p) => p.clone(),
-        None => match args.model.parent().and_then(Path::parent) {
-            Some(dir) if dir.join("config.toml").is_file() => dir.join("config.toml"),
-            _ => return Ok(None),
-        },
+        None => {
+            // Canonical first: `model.onnx` given from inside the version directory has no parent.
+            let model = std::fs::canonicalize(&args.model).unwrap_or_else(|_| args.model.clone());
+            match model.parent().and_then(Path::parent) {
+                Some(dir) if dir.join("config.toml").is_file() => dir.join("config.toml"),
+                _ => return Ok(None),
+            }
+        }
     };
     let config = ModelConfig::load(&path)?;
     let dir = path.parent().map(Path::to_path_buf).unwrap_or_default();
@@ -35,15 +39,39 @@ fn range(symbol: &str, text: &str) -> anyhow::Result<AxisRange> {
     Ok([p.min, p.opt, p.max])
 }
 
-/// The TensorRT options and largest batch: the model config's, overridden by flags.
-fn options(args: &BuildArgs) -> anyhow::Result<(TensorRtOptions, usize)> {
-    let (mut trt, max_batch) = match model_config(args)? {
+/// The TensorRT options (with the CUDA provider's behind them) and the largest batch: the
+/// model config's, overridden by flags.
+fn options(args: &BuildArgs) -> anyhow::Result<(TensorRtOptions, CudaOptions, usize)> {
+    let (mut trt, cuda, max_batch) = match model_config(args)? {
         Some((config, dir)) => {
             println!("model config: {}", dir.join("config.toml").display());
-            (config.tensorrt_options(&dir), config.max_batch_size)
+            (config.tensorrt_options(&dir), config.ort_cuda.clone(), config.max_batch_size)
         }
-        None => (TensorRtOptions::default(), 64),
+        None => {
+            println!(
+                "no model config found (give --config): defaults are used, and `kiln serve` finds these \
+                 engines only if its [tensorrt] table and max_batch_size (64) give the same cache key"
+            );
+            (TensorRtOptions::default(), CudaOptions::default(), 64)
+        }
     };
+    let overridden: Vec<&str> = [
+        ("--precision", args.precision.is_some()),
+        ("--batch", args.batch.is_some()),
+        ("--seq", args.seq.is_some()),
+        ("--engine-cache", args.engine_cache.is_some()),
+        ("--calibration-table", args.calibration_table.is_some()),
+        ("--workspace-mib", args.workspace_mib.is_some()),
+    ]
+    .into_iter()
+    .filter_map(|(flag, set)| set.then_some(flag))
+    .collect();
+    if !overridden.is_empty() {
+        println!(
+            "note: {} override the config; the server uses these engines only if its config says the same",
+            overridden.join(", ")
+        );
+    }
     if let Some(p) = args.precision {
         trt.precision = match p {
             PrecisionArg::Fp32 => TrtPrecision::Fp32,
@@ -69,7 +97,7 @@ fn options(args: &BuildArgs) -> anyhow::Result<(TensorRtOptions, usize)> {
     if let Err(e) = trt.validate() {
         bail!("{e}");
     }
-    Ok((trt, max_batch))
+    Ok((trt, cuda, max_batch))
 }
 
 fn spinner(msg: &str) -> ProgressBar {
@@ -90,12 +118,22 @@ fn zero_inputs(backend: &dyn Backend, batch: usize, seq: usize) -> anyhow::Resul
 }
 
 pub fn warm(args: &BuildArgs) -> anyhow::Result<()> {
-    let (trt, max_batch) = options(args)?;
+    let kiln_only = [
+        ("--verify", args.verify),
+        ("--out", args.out.is_some()),
+        ("--report", args.report.is_some()),
+        ("--uint8-mean/--uint8-std", args.uint8_mean.is_some()),
+        ("--timing-cache", args.timing_cache.is_some()),
+    ];
+    if let Some((flag, _)) = kiln_only.iter().find(|(_, set)| *set) {
+        bail!("{flag} applies to kiln plans, not to --backend tensorrt");
+    }
+    let (trt, cuda, max_batch) = options(args)?;
     let runtime = OrtRuntime::load(&args.ort_library).context("--backend tensorrt needs ONNX Runtime")?;
     let [b_min, b_opt, b_max] = trt.batch.unwrap_or([1, max_batch, max_batch]);
     let [s_min, s_opt, s_max] = trt.seq.unwrap_or([1, 128, 512]);
     let precision = trt.precision.name();
-    let provider = Provider::TensorRt(Box::new(trt));
+    let provider = Provider::TensorRt(Box::new(trt), cuda);
     let opts = OrtOptions { intra_threads: 0, provider, max_batch };
     let progress = spinner(&format!("building {precision} TensorRT engines for {}", args.model.display()));
     let started = Instant::now();
@@ -150,7 +188,7 @@ pub fn providers(args: &ProvidersArgs) -> anyhow::Result<()> {
     println!("TensorRT: {}", probe::tensorrt_version().unwrap_or_else(|| "libnvinfer.so.10 not found".into()));
     let trt = TensorRtOptions { device_id: args.device, ..TensorRtOptions::default() };
     let cuda = CudaOptions { device_id: args.device, ..CudaOptions::default() };
-    for provider in [Provider::TensorRt(Box::new(trt)), Provider::Cuda(cuda), Provider::Cpu] {
+    for provider in [Provider::TensorRt(Box::new(trt), cuda.clone()), Provider::Cuda(cuda), Provider::Cpu] {
         let state = match runtime.check_provider(&provider) {
             Ok(()) => "ready".to_string(),
             Err(kiln_engine::EngineError::ProviderUnavailable { detail, .. }) => format!("unavailable: {detail}"),

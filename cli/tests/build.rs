@@ -121,6 +121,16 @@ fn build_for_tensorrt_fails_clearly_without_tensorrt() -> anyhow::Result<()> {
     }
     ensure!(!dir.path("trt_cache").exists(), "a cache directory was created for a build that could not run");
 
+    // A kiln plan cannot be INT8 (yet), and kiln-plan flags do not apply to TensorRT.
+    let out = kiln(&["build", model, "--precision", "int8"])?;
+    ensure!(!out.status.success() && text(&out.stderr).contains("--backend tensorrt"), "{}", text(&out.stderr));
+    let out = kiln(&["build", model, "--backend", "tensorrt", "--verify"])?;
+    ensure!(
+        !out.status.success() && text(&out.stderr).contains("--verify applies to kiln plans"),
+        "{}",
+        text(&out.stderr)
+    );
+
     // The GPU build of ONNX Runtime without TensorRT installed: the missing libraries are named.
     let gpu = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../.kiln/ort-gpu/libonnxruntime.so.1.31.1");
     ensure!(gpu.is_file(), "{} is missing: run `scripts/setup --trainer`", gpu.display());
@@ -133,9 +143,5 @@ fn build_for_tensorrt_fails_clearly_without_tensorrt() -> anyhow::Result<()> {
         return Ok(());
     }
     ensure!(stderr.contains("TensorRT 10 for CUDA 13") && stderr.contains("LD_LIBRARY_PATH"), "{stderr}");
-
-    // A kiln plan cannot be INT8 (yet): say so instead of building something else.
-    let out = kiln(&["build", model, "--precision", "int8"])?;
-    ensure!(!out.status.success() && text(&out.stderr).contains("--backend tensorrt"), "{}", text(&out.stderr));
     Ok(())
 }

@@ -11,7 +11,7 @@ use ort::session::builder::GraphOptimizationLevel;
 use ort::session::{Session, SessionInputValue};
 use ort::value::{DynValue, TensorElementType, TensorRef, ValueType};
 
-use crate::providers::{self, CudaOptions, Provider, probe};
+use crate::providers::{self, CudaOptions, Provider, TrtSetup, probe};
 use crate::{Backend, DType, Dim, EngineError, ModelMetadata, Tensor, TensorData, TensorSpec};
 
 /// A process-wide ONNX Runtime environment. ONNX Runtime allows one environment per
@@ -82,12 +82,13 @@ pub struct OrtBackend {
     trt_cache: Option<PathBuf>,
 }
 
-/// The providers to register, in priority order, after checking each can run here.
+/// The providers to register, in priority order, after checking each can run here, and
+/// the TensorRT set-up when TensorRT is one of them.
 fn execution_providers(
     runtime: &OrtRuntime,
     model: &Path,
     options: &OrtOptions,
-) -> Result<(Vec<ExecutionProviderDispatch>, Option<PathBuf>), EngineError> {
+) -> Result<(Vec<ExecutionProviderDispatch>, Option<TrtSetup>), EngineError> {
     let cuda = |c: &CudaOptions| {
         let mut ep = ort::ep::CUDA::default();
         for (k, v) in providers::cuda_options(c) {
@@ -102,9 +103,9 @@ fn execution_providers(
             runtime.check_provider(p)?;
             Ok((vec![cuda(c)], None))
         }
-        p @ Provider::TensorRt(t) => {
+        p @ Provider::TensorRt(t, c) => {
             runtime.check_provider(p)?;
-            let behind = CudaOptions { device_id: t.device_id, ..CudaOptions::default() };
+            let behind = CudaOptions { device_id: t.device_id, ..c.clone() };
             if t.cuda_fallback {
                 runtime.check_provider(&Provider::Cuda(behind.clone()))?;
             }
@@ -112,16 +113,24 @@ fn execution_providers(
                 .map_err(|e| EngineError::ProviderUnavailable { provider: p.ort_name(), detail: e.to_string() })?;
             let setup = providers::prepare_tensorrt(t, model, options.max_batch, &env)?;
             let mut ep = ort::ep::TensorRT::default();
-            for (k, v) in setup.options {
+            for (k, v) in &setup.options {
                 ep = ep.with_arbitrary_config(k, v);
             }
             let mut eps = vec![ep.build().error_on_failure()];
             if t.cuda_fallback {
                 eps.push(cuda(&behind));
             }
-            Ok((eps, Some(setup.cache_dir)))
+            Ok((eps, Some(setup)))
         }
     }
+}
+
+/// An exclusive lock on `path`, released when the file is dropped.
+fn lock_file(path: &Path) -> Result<std::fs::File, EngineError> {
+    let err = |e: std::io::Error| EngineError::ModelLoad { path: path.to_path_buf(), reason: e.to_string() };
+    let file = std::fs::OpenOptions::new().create(true).truncate(false).write(true).open(path).map_err(err)?;
+    file.lock().map_err(err)?;
+    Ok(file)
 }
 
 impl OrtBackend {
@@ -131,7 +140,11 @@ impl OrtBackend {
         }
         let load_err =
             |e: &dyn std::fmt::Display| EngineError::ModelLoad { path: model.to_path_buf(), reason: e.to_string() };
-        let (eps, trt_cache) = execution_providers(runtime, model, options)?;
+        let (eps, trt) = execution_providers(runtime, model, options)?;
+        // TensorRT builds or deserialises its engines while the session is created and at
+        // its first run; the lock keeps other sessions (executors, replicas, `kiln build`)
+        // sharing the cache from reading an engine that is still being written.
+        let lock = trt.as_ref().map(|setup| lock_file(&setup.lock_file())).transpose()?;
         let mut builder = Session::builder(&runtime.env).map_err(|e| load_err(&e))?;
         builder = builder.with_optimization_level(GraphOptimizationLevel::All).map_err(|e| load_err(&e))?;
         if !eps.is_empty() {
@@ -141,19 +154,34 @@ impl OrtBackend {
                 detail: format!("ONNX Runtime refused to register it: {e}"),
             })?;
         }
+        if matches!(&options.provider, Provider::TensorRt(t, _) if !t.cuda_fallback) {
+            // Without the CUDA provider behind it, what TensorRT rejects would run on the CPU.
+            builder = builder.with_disable_cpu_fallback().map_err(|e| load_err(&e))?;
+        }
         if options.intra_threads > 0 {
             builder = builder.with_intra_threads(options.intra_threads).map_err(|e| load_err(&e))?;
         }
         let session = builder.commit_from_file(model).map_err(|e| load_err(&e))?;
         let inputs = session.inputs().iter().map(|o| spec(o.name(), o.dtype())).collect::<Result<_, _>>()?;
         let outputs = session.outputs().iter().map(|o| spec(o.name(), o.dtype())).collect::<Result<_, _>>()?;
-        Ok(Self {
+        let mut backend = Self {
             session,
             metadata: ModelMetadata { inputs, outputs },
             name: options.provider.backend_name(),
             precision: options.provider.precision(),
-            trt_cache,
-        })
+            trt_cache: trt.as_ref().map(|t| t.cache_dir.clone()),
+        };
+        if let Some(setup) = &trt {
+            let zeros = backend
+                .metadata
+                .inputs
+                .iter()
+                .map(|s| Tensor::zeros(s.dtype, s.concrete_shape(setup.min_batch, setup.min_seq)))
+                .collect::<Result<Vec<_>, _>>()?;
+            backend.run(&zeros).map_err(|e| load_err(&format!("TensorRT's first run failed: {e}")))?;
+        }
+        drop(lock);
+        Ok(backend)
     }
 
     /// The TensorRT engine cache directory of this session (TensorRT provider only).

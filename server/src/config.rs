@@ -339,6 +339,14 @@ impl ModelConfig {
         }
         self.version_policy.validate()?;
         self.tensorrt.validate()?;
+        if let Some([_, _, max]) = self.tensorrt.batch
+            && max < self.max_batch_size
+        {
+            return Err(format!(
+                "tensorrt.batch: its max {max} is below max_batch_size {}; batches that large would fail",
+                self.max_batch_size
+            ));
+        }
         for (i, b) in self.fallback.iter().enumerate() {
             if self.fallback[..i].contains(b) {
                 return Err(format!("fallback: {b} is listed twice"));
@@ -497,6 +505,7 @@ mod tests {
             (GOOD.replace("max_batch_size = 4", "max_batch_size = 4\nfallback = [\"gpu\"]"), "fallback"),
             (GOOD.replace("max_batch_size = 4", "max_batch_size = 4\nbackend = \"trt\""), "backend"),
             (format!("{GOOD}\n[tensorrt]\nbatch = [4, 2, 8]"), "tensorrt.batch"),
+            (format!("{GOOD}\n[tensorrt]\nbatch = [1, 2, 2]"), "tensorrt.batch"),
             (format!("{GOOD}\n[tensorrt]\nseq = [0, 128, 512]"), "tensorrt.seq"),
             (format!("{GOOD}\n[tensorrt]\nbuilder_optimization_level = 9"), "tensorrt.builder_optimization_level"),
             (format!("{GOOD}\n[tensorrt]\nworkspace_mib = 0"), "tensorrt.workspace_mib"),

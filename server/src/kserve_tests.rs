@@ -4,6 +4,7 @@ use proptest::prelude::*;
 use serde_json::json;
 
 use super::*;
+use kiln_engine::{ModelMetadata, TensorSpec};
 
 type TestResult = Result<(), Box<dyn Error>>;
 

@@ -139,11 +139,24 @@ impl Source {
             BackendKind::Cuda => return Ok(Source::Cuda(cuda_engine(dir, version, config)?)),
             BackendKind::Onnxruntime => Provider::Cpu,
             BackendKind::OrtCuda => Provider::Cuda(config.ort_cuda.clone()),
-            BackendKind::TensorRt => Provider::TensorRt(Box::new(config.tensorrt_options(dir))),
+            BackendKind::TensorRt => {
+                Provider::TensorRt(Box::new(config.tensorrt_options(dir)), config.ort_cuda.clone())
+            }
         };
         let options =
             OrtOptions { intra_threads: config.batching.intra_threads, provider, max_batch: config.max_batch_size };
         Ok(Source::Ort { runtime: runtime.clone(), model, options })
+    }
+
+    /// The smallest batch and sequence the backend accepts: 1, or TensorRT's profile minimum
+    /// (a shape outside the profile fails rather than widening it).
+    fn warm_shape(&self) -> (usize, usize) {
+        match self {
+            Source::Ort { options: OrtOptions { provider: Provider::TensorRt(t, _), .. }, .. } => {
+                (t.batch.map_or(1, |b| b[0]), t.seq.map_or(1, |s| s[0]))
+            }
+            _ => (1, 1),
+        }
     }
 
     fn open(&self) -> Result<Box<dyn Backend>, kiln_engine::EngineError> {
@@ -225,7 +238,7 @@ impl Model {
             // still falls back.
             let opened = Source::new(kind, dir, version, config, runtime).and_then(|source| {
                 let mut backend = source.open()?;
-                warm_up(backend.as_mut())?;
+                warm_up(backend.as_mut(), source.warm_shape())?;
                 Ok((source, backend))
             });
             match opened {
@@ -287,7 +300,8 @@ impl Model {
                 return Ok(ModelExecutor { backend });
             }
             let mut backend = source.open().map_err(|e| ExecutorError(e.to_string()))?;
-            warm_up(backend.as_mut()).map_err(|e| ExecutorError(format!("warm-up failed: {e}")))?;
+            warm_up(backend.as_mut(), source.warm_shape())
+                .map_err(|e| ExecutorError(format!("warm-up failed: {e}")))?;
             Ok(ModelExecutor { backend })
         };
         let observer = Some(metrics.model_observer(&config.name));
@@ -359,13 +373,13 @@ fn cuda_engine(dir: &Path, version: u64, config: &ModelConfig) -> Result<Arc<kil
     kiln_cuda::engine::Engine::load(plan, &opts).map_err(|e| fail(e.to_string()))
 }
 
-/// Runs one batch of zeros (dynamic axes as 1) through a fresh backend.
-fn warm_up(backend: &mut dyn Backend) -> Result<(), kiln_engine::EngineError> {
+/// Runs one batch of zeros (dynamic axes at `(batch, seq)`) through a fresh backend.
+fn warm_up(backend: &mut dyn Backend, (batch, seq): (usize, usize)) -> Result<(), kiln_engine::EngineError> {
     let inputs = backend
         .metadata()
         .inputs
         .iter()
-        .map(|spec| Tensor::zeros(spec.dtype, spec.concrete_shape(1, 1)))
+        .map(|spec| Tensor::zeros(spec.dtype, spec.concrete_shape(batch, seq)))
         .collect::<Result<Vec<_>, _>>()?;
     backend.run(&inputs).map(drop)
 }

@@ -22,7 +22,8 @@ pub enum Provider {
     #[default]
     Cpu,
     Cuda(CudaOptions),
-    TensorRt(Box<TensorRtOptions>),
+    /// TensorRT, with the CUDA provider's options for what runs behind it (`cuda_fallback`).
+    TensorRt(Box<TensorRtOptions>, CudaOptions),
 }
 
 impl Provider {
@@ -31,7 +32,7 @@ impl Provider {
         match self {
             Provider::Cpu => "cpu",
             Provider::Cuda(_) => "ort-cuda",
-            Provider::TensorRt(_) => "tensorrt",
+            Provider::TensorRt(..) => "tensorrt",
         }
     }
 
@@ -40,7 +41,7 @@ impl Provider {
         match self {
             Provider::Cpu => "CPUExecutionProvider",
             Provider::Cuda(_) => "CUDAExecutionProvider",
-            Provider::TensorRt(_) => "TensorrtExecutionProvider",
+            Provider::TensorRt(..) => "TensorrtExecutionProvider",
         }
     }
 
@@ -49,7 +50,7 @@ impl Provider {
         match self {
             Provider::Cpu => "onnxruntime-cpu",
             Provider::Cuda(_) => "onnxruntime-cuda",
-            Provider::TensorRt(_) => "onnxruntime-tensorrt",
+            Provider::TensorRt(..) => "onnxruntime-tensorrt",
         }
     }
 
@@ -57,7 +58,7 @@ impl Provider {
     pub fn precision(&self) -> &'static str {
         match self {
             Provider::Cpu | Provider::Cuda(_) => "fp32",
-            Provider::TensorRt(t) => t.precision.name(),
+            Provider::TensorRt(t, _) => t.precision.name(),
         }
     }
 
@@ -66,7 +67,7 @@ impl Provider {
         match self {
             Provider::Cpu => None,
             Provider::Cuda(_) => Some("libonnxruntime_providers_cuda.so"),
-            Provider::TensorRt(_) => Some("libonnxruntime_providers_tensorrt.so"),
+            Provider::TensorRt(..) => Some("libonnxruntime_providers_tensorrt.so"),
         }
     }
 }

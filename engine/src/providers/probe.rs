@@ -21,6 +21,8 @@ pub struct Unavailable {
     pub install: Vec<String>,
 }
 
+impl std::error::Error for Unavailable {}
+
 impl std::fmt::Display for Unavailable {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.write_str(&self.reason)?;
@@ -44,7 +46,7 @@ pub fn compiled_in(provider: &Provider) -> Result<bool, String> {
     let listed = match provider {
         Provider::Cpu => return Ok(true),
         Provider::Cuda(_) => ort::ep::CUDA::is_available(),
-        Provider::TensorRt(_) => ort::ep::TensorRT::is_available(),
+        Provider::TensorRt(..) => ort::ep::TensorRT::is_available(),
     };
     listed.map_err(|e| e.to_string())
 }
@@ -85,7 +87,14 @@ pub fn check(provider: &Provider, ort_library: &Path) -> Result<(), Unavailable>
             install: vec![gpu_runtime],
         });
     }
-    let missing = missing_libraries(&library).map_err(|e| Unavailable { reason: e, install: vec![] })?;
+    let mut missing = missing_libraries(&library).map_err(|e| Unavailable { reason: e, install: vec![] })?;
+    // Opened at run time rather than linked, so DT_NEEDED does not list it: cuDNN for
+    // convolutions (ONNX Runtime 1.31's CUDA provider dlopens it).
+    for soname in RUNTIME_LOADED {
+        if !missing.iter().any(|m| m == soname) && !loads(soname) {
+            missing.push((*soname).to_string());
+        }
+    }
     if missing.is_empty() {
         return Ok(());
     }
@@ -99,6 +108,9 @@ pub fn check(provider: &Provider, ort_library: &Path) -> Result<(), Unavailable>
     install.push("then put their directories on LD_LIBRARY_PATH".into());
     Err(Unavailable { reason: format!("{name} needs {} which the loader cannot find", missing.join(", ")), install })
 }
+
+/// Libraries both GPU providers open at run time without linking them.
+const RUNTIME_LOADED: &[&str] = &["libcudnn.so.9"];
 
 /// What provides a library, in words a user can act on.
 pub fn install_hint(soname: &str) -> &'static str {
@@ -163,9 +175,21 @@ pub fn tensorrt_version() -> Option<String> {
 }
 
 /// The device's name and compute capability from NVML (e.g. `NVIDIA H200 (sm_90)`).
+/// `device` is a CUDA ordinal; under `CUDA_VISIBLE_DEVICES` it is looked up in that list
+/// (indices or `GPU-…` UUIDs), since NVML numbers every GPU of the host.
 pub fn gpu_identity(device: u32) -> Result<String, String> {
     let nvml = nvml_wrapper::Nvml::init().map_err(|e| format!("NVML (the NVIDIA driver) is unavailable: {e}"))?;
-    let dev = nvml.device_by_index(device).map_err(|e| format!("GPU {device}: {e}"))?;
+    let visible = std::env::var("CUDA_VISIBLE_DEVICES").ok();
+    let entry = visible.as_deref().and_then(|v| v.split(',').nth(device as usize)).map(str::trim);
+    let dev = match entry {
+        Some(uuid) if uuid.starts_with("GPU-") || uuid.starts_with("MIG-") => nvml.device_by_uuid(uuid),
+        Some(index) => match index.parse::<u32>() {
+            Ok(i) => nvml.device_by_index(i),
+            Err(_) => return Err(format!("CUDA_VISIBLE_DEVICES entry {index:?} is neither an index nor a UUID")),
+        },
+        None => nvml.device_by_index(device),
+    }
+    .map_err(|e| format!("GPU {device}: {e}"))?;
     let name = dev.name().map_err(|e| format!("GPU {device}: {e}"))?;
     let cc = dev.cuda_compute_capability().map_err(|e| format!("GPU {device}: {e}"))?;
     Ok(format!("{name} (sm_{}{})", cc.major, cc.minor))

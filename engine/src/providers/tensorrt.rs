@@ -28,7 +28,13 @@ pub struct ShapeProfiles {
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
 pub struct CacheKey {
     pub model_sha256: String,
+    /// `(location, sha256)` of every external-data file the model's initializers point to:
+    /// retrained weights can leave `model.onnx` itself byte-identical.
+    pub external_data_sha256: Vec<(String, String)>,
     pub precision: &'static str,
+    /// Builder settings that change the engine: calibration-table format, optimisation
+    /// level, workspace, smallest TensorRT subgraph.
+    pub builder: String,
     pub profiles: Option<ShapeProfiles>,
     pub calibration_sha256: Option<String>,
     /// Device name and compute capability.
@@ -51,6 +57,98 @@ pub struct TrtSetup {
     pub cache_dir: PathBuf,
     pub key: CacheKey,
     pub options: Vec<(String, String)>,
+    /// The smallest batch and sequence of the profile: the warm-up shape, which TensorRT
+    /// accepts (a shape outside the profile fails instead of widening it).
+    pub min_batch: usize,
+    pub min_seq: usize,
+}
+
+impl TrtSetup {
+    /// The file locked while this cache directory's engines are built or loaded, so that
+    /// executors, replicas and `kiln build` sharing it never read a half-written engine.
+    pub fn lock_file(&self) -> PathBuf {
+        self.cache_dir.join(".lock")
+    }
+}
+
+/// What the cache key needs from the model file, read once per file version.
+#[derive(Debug, Clone)]
+struct ModelFacts {
+    sha256: String,
+    external: Vec<(String, String)>,
+    inputs: DeclaredInputs,
+    has_qdq: bool,
+    /// What the facts were read from: the model and its external-data files.
+    stamps: Vec<Stamp>,
+}
+
+/// A file's identity for memoisation: canonical path, size, modification time.
+type Stamp = (PathBuf, u64, std::time::SystemTime);
+
+fn stamp(path: &Path) -> Result<Stamp, String> {
+    let canonical = std::fs::canonicalize(path).map_err(|e| format!("{}: {e}", path.display()))?;
+    let meta = std::fs::metadata(&canonical).map_err(|e| format!("{}: {e}", path.display()))?;
+    let modified = meta.modified().map_err(|e| e.to_string())?;
+    Ok((canonical, meta.len(), modified))
+}
+
+/// Every executor of a model opens its own session, and hashing a multi-gigabyte model
+/// once per executor is wasted I/O: facts are reused while none of their files changed.
+static FACTS: std::sync::Mutex<Vec<ModelFacts>> = std::sync::Mutex::new(Vec::new());
+
+fn model_facts(model: &Path) -> Result<ModelFacts, String> {
+    let id = stamp(model)?;
+    let mut memo = FACTS.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+    let unchanged = |f: &ModelFacts| f.stamps.iter().all(|s| stamp(&s.0).is_ok_and(|now| now == *s));
+    if let Some(facts) = memo.iter().find(|f| f.stamps.first() == Some(&id) && unchanged(f)) {
+        return Ok(facts.clone());
+    }
+    memo.retain(|f| f.stamps.first().map(|s| &s.0) != Some(&id.0));
+    let bytes = std::fs::read(&id.0).map_err(|e| e.to_string())?;
+    let proto = kiln_onnx::decode(&bytes).map_err(|e| e.to_string())?;
+    let dir = id.0.parent().map(Path::to_path_buf).unwrap_or_default();
+    let (mut external, mut stamps) = (Vec::new(), vec![id]);
+    for location in external_locations(&proto) {
+        let path = dir.join(&location);
+        let data = std::fs::read(&path).map_err(|e| format!("external data {location}: {e}"))?;
+        stamps.push(stamp(&path)?);
+        external.push((location, hex(&Sha256::digest(&data))));
+    }
+    let facts = ModelFacts {
+        sha256: hex(&Sha256::digest(&bytes)),
+        external,
+        inputs: declared_inputs(&proto)?,
+        has_qdq: has_qdq(&proto),
+        stamps,
+    };
+    memo.push(facts.clone());
+    Ok(facts)
+}
+
+/// The distinct files external-data initializers point to, sorted.
+fn external_locations(model: &kiln_onnx::proto::ModelProto) -> Vec<String> {
+    use kiln_onnx::proto::tensor_proto::DataLocation;
+    let mut out: Vec<String> = model
+        .graph
+        .iter()
+        .flat_map(|g| &g.initializer)
+        .filter(|t| t.data_location == DataLocation::External as i32)
+        .filter_map(|t| t.external_data.iter().find(|e| e.key == "location").map(|e| e.value.clone()))
+        .collect();
+    out.sort();
+    out.dedup();
+    out
+}
+
+/// Writes `bytes` to `path` unless it already holds them, through a temporary file and a
+/// rename so that a concurrent reader sees the old or the new content, never a mix.
+fn write_if_changed(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
+    if std::fs::read(path).is_ok_and(|old| old == bytes) {
+        return Ok(());
+    }
+    let tmp = path.with_extension(format!("tmp{}", std::process::id()));
+    std::fs::write(&tmp, bytes)?;
+    std::fs::rename(&tmp, path)
 }
 
 fn hex(bytes: &[u8]) -> String {
@@ -182,35 +280,39 @@ fn setup_error(model: &Path, reason: impl std::fmt::Display) -> EngineError {
     EngineError::ModelLoad { path: model.to_path_buf(), reason: format!("TensorRT set-up: {reason}") }
 }
 
-/// Resolves `o` for `model` on the machine described by `env`: reads the model once (its
-/// hash, declared inputs and whether it carries Q/DQ nodes), creates the keyed engine cache
-/// directory with a `key.json` describing it, and copies the calibration table into it.
+/// Resolves `o` for `model` on the machine described by `env`: the model's facts (hashes,
+/// declared inputs, Q/DQ nodes), the keyed engine cache directory with a `key.json`
+/// describing it, and the calibration table copied into it.
 pub(crate) fn prepare(
     o: &TensorRtOptions,
     model: &Path,
     max_batch: usize,
     env: &Environment,
 ) -> Result<TrtSetup, EngineError> {
-    let bytes = std::fs::read(model).map_err(|e| setup_error(model, e))?;
-    let proto = kiln_onnx::decode(&bytes).map_err(|e| setup_error(model, e))?;
-    let inputs = declared_inputs(&proto).map_err(|e| setup_error(model, e))?;
+    let facts = model_facts(model).map_err(|e| setup_error(model, e))?;
     let max_batch = max_batch.max(1);
     let batch = o.batch.unwrap_or([1, max_batch, max_batch]);
-    let profiles = profiles(&inputs, batch, o.seq.unwrap_or(DEFAULT_SEQ)).map_err(|e| setup_error(model, e))?;
+    let seq = o.seq.unwrap_or(DEFAULT_SEQ);
+    let profiles = profiles(&facts.inputs, batch, seq).map_err(|e| setup_error(model, e))?;
 
     let calibration = match &o.int8_calibration_table {
         Some(path) => Some(std::fs::read(path).map_err(|e| setup_error(model, format!("{}: {e}", path.display())))?),
         None => None,
     };
-    if o.precision == TrtPrecision::Int8 && calibration.is_none() && !has_qdq(&proto) {
+    if o.precision == TrtPrecision::Int8 && calibration.is_none() && !facts.has_qdq {
         return Err(setup_error(
             model,
             "precision int8 needs tensorrt.int8_calibration_table, or a model with QuantizeLinear/DequantizeLinear nodes",
         ));
     }
     let key = CacheKey {
-        model_sha256: hex(&Sha256::digest(&bytes)),
+        model_sha256: facts.sha256,
+        external_data_sha256: facts.external,
         precision: o.precision.name(),
+        builder: format!(
+            "native_calibration={} optimization_level={:?} workspace_mib={:?} min_subgraph={:?}",
+            o.int8_native_calibration_table, o.builder_optimization_level, o.workspace_mib, o.min_subgraph_size
+        ),
         profiles,
         calibration_sha256: calibration.as_ref().map(|c| hex(&Sha256::digest(c))),
         gpu: env.gpu.clone(),
@@ -229,13 +331,13 @@ pub(crate) fn prepare(
     }
     let key_file = cache_dir.join("key.json");
     let key_json = serde_json::to_vec_pretty(&key).map_err(|e| setup_error(model, e))?;
-    std::fs::write(&key_file, key_json).map_err(|e| io(&key_file, e))?;
+    write_if_changed(&key_file, &key_json).map_err(|e| io(&key_file, e))?;
     if let Some(table) = &calibration {
         let dest = cache_dir.join(CALIBRATION_FILE);
-        std::fs::write(&dest, table).map_err(|e| io(&dest, e))?;
+        write_if_changed(&dest, table).map_err(|e| io(&dest, e))?;
     }
     let options = tensorrt_options(o, &cache_dir, &timing_dir, key.profiles.as_ref());
-    Ok(TrtSetup { cache_dir, key, options })
+    Ok(TrtSetup { cache_dir, key, options, min_batch: batch[0], min_seq: seq[0] })
 }
 
 fn has_qdq(model: &kiln_onnx::proto::ModelProto) -> bool {
@@ -351,7 +453,9 @@ mod tests {
     fn cache_key_changes_with_every_input() {
         let base = CacheKey {
             model_sha256: "aa".into(),
+            external_data_sha256: vec![],
             precision: "fp16",
+            builder: "optimization_level=None".into(),
             profiles: Some(ShapeProfiles { min: "x:1".into(), opt: "x:4".into(), max: "x:8".into() }),
             calibration_sha256: None,
             gpu: "NVIDIA H200 (sm_90)".into(),
@@ -363,6 +467,8 @@ mod tests {
         assert_eq!(d, base.clone().digest(), "the digest is deterministic");
         let variants = [
             CacheKey { model_sha256: "ab".into(), ..base.clone() },
+            CacheKey { external_data_sha256: vec![("w.bin".into(), "dd".into())], ..base.clone() },
+            CacheKey { builder: "optimization_level=Some(5)".into(), ..base.clone() },
             CacheKey { precision: "int8", ..base.clone() },
             CacheKey { profiles: None, ..base.clone() },
             CacheKey {
@@ -397,6 +503,56 @@ mod tests {
         }
         assert_eq!(declared_inputs(&model)?, vec![("x".to_string(), vec![None, Some(3)])]);
         assert!(!has_qdq(&model));
+        Ok(())
+    }
+
+    #[test]
+    fn prepare_keys_the_cache_on_external_weights_and_fills_it() -> Result<(), Box<dyn std::error::Error>> {
+        use kiln_onnx::proto::tensor_proto::DataLocation;
+        use kiln_onnx::{DataType, Dim, GraphBuilder, StringStringEntryProto};
+        let dir = std::env::temp_dir().join(format!("kiln-trt-prepare-{}", std::process::id()));
+        std::fs::create_dir_all(&dir)?;
+        let mut g = GraphBuilder::new("g");
+        let dims = [Dim::Symbolic("batch".into()), Dim::Fixed(3)];
+        g.add_input("x", DataType::Float, &dims)?;
+        let w = g.add_initializer_f32("w", &[3], &[1.0, 2.0, 3.0])?;
+        g.add_node_with_outputs("Mul", &["x", &w], &["y"], vec![])?;
+        g.add_output("y", DataType::Float, &dims)?;
+        let mut model = g.finish(17);
+        let init = model.graph.as_mut().and_then(|g| g.initializer.first_mut()).ok_or("no initializer")?;
+        let entry = |k: &str, v: &str| StringStringEntryProto { key: k.into(), value: v.into() };
+        init.raw_data.clear();
+        init.data_location = DataLocation::External as i32;
+        init.external_data = vec![entry("location", "w.bin"), entry("offset", "0"), entry("length", "12")];
+        let path = dir.join("model.onnx");
+        kiln_onnx::save(&model, &path)?;
+        let weights = |v: [f32; 3]| v.iter().flat_map(|f| f.to_le_bytes()).collect::<Vec<u8>>();
+        std::fs::write(dir.join("w.bin"), weights([1.0, 2.0, 3.0]))?;
+        std::fs::write(dir.join("calib.table"), b"TRT-table")?;
+        let env = Environment { gpu: "G (sm_90)".into(), tensorrt: "10.16.1".into(), onnxruntime: "1.31.1".into() };
+        let o = TensorRtOptions {
+            precision: TrtPrecision::Int8,
+            int8_calibration_table: Some(dir.join("calib.table")),
+            batch: Some([2, 4, 8]),
+            ..TensorRtOptions::default()
+        };
+        let first = prepare(&o, &path, 8, &env)?;
+        assert_eq!(first.cache_dir.parent(), Some(dir.join("trt_cache").as_path()));
+        assert_eq!((first.min_batch, first.min_seq), (2, 1));
+        assert_eq!(first.key.external_data_sha256.len(), 1);
+        assert!(first.cache_dir.join("key.json").is_file());
+        assert_eq!(std::fs::read(first.cache_dir.join(CALIBRATION_FILE))?, b"TRT-table");
+        assert_eq!(get(&first.options, "trt_profile_min_shapes"), Some("x:2x3"));
+        // New weights of the same size in the external file: a new engine directory.
+        std::thread::sleep(std::time::Duration::from_millis(20));
+        std::fs::write(dir.join("w.bin"), weights([1.0, 2.0, 4.0]))?;
+        let second = prepare(&o, &path, 8, &env)?;
+        assert_ne!(first.cache_dir, second.cache_dir, "changed external weights reused the old engines");
+        // INT8 without a table, and without Q/DQ nodes, is refused.
+        let bare = TensorRtOptions { int8_calibration_table: None, ..o };
+        let err = prepare(&bare, &path, 8, &env).err().ok_or("int8 without calibration was accepted")?;
+        assert!(err.to_string().contains("int8_calibration_table"), "{err}");
+        std::fs::remove_dir_all(&dir)?;
         Ok(())
     }
 }
