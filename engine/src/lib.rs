@@ -16,6 +16,7 @@ mod ort_backend;
 pub mod passes;
 pub mod plan;
 pub mod providers;
+pub mod quant;
 pub mod reference;
 mod tensor;
 pub mod verify;

@@ -10,6 +10,7 @@ use half::f16;
 
 use crate::graph::{Graph, GraphError, NodeIssue, Precision, ValueId};
 use crate::ops::registry;
+use crate::quant::Int8Plan;
 use crate::{Tensor, TensorData};
 
 #[derive(Debug, Clone, Copy, Default)]
@@ -19,8 +20,30 @@ pub struct RunOptions {
     pub emulate_fp16: bool,
 }
 
+/// What a run does beyond the graph itself: nodes computed in emulated INT8, and an
+/// observer shown every value as it is computed (graph inputs included) — calibration.
+#[derive(Default)]
+pub struct Hooks<'a> {
+    pub int8: Option<&'a Int8Plan>,
+    pub observe: Option<&'a mut dyn FnMut(ValueId, &Tensor)>,
+}
+
+impl std::fmt::Debug for Hooks<'_> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Hooks")
+            .field("int8_nodes", &self.int8.map_or(0, |p| p.nodes.len()))
+            .field("observer", &self.observe.is_some())
+            .finish()
+    }
+}
+
 /// Runs `graph` on `inputs` (in `graph.inputs` order) and returns its outputs.
 pub fn run(graph: &Graph, inputs: &[Tensor], opts: RunOptions) -> Result<Vec<Tensor>, GraphError> {
+    run_with(graph, inputs, opts, Hooks::default())
+}
+
+/// [`run`] with INT8 nodes and/or an observer.
+pub fn run_with(graph: &Graph, inputs: &[Tensor], opts: RunOptions, mut hooks: Hooks<'_>) -> Result<Vec<Tensor>, GraphError> {
     if inputs.len() != graph.inputs.len() {
         return Err(GraphError::Input {
             name: graph.name.clone(),
@@ -30,6 +53,9 @@ pub fn run(graph: &Graph, inputs: &[Tensor], opts: RunOptions) -> Result<Vec<Ten
     let mut live: HashMap<ValueId, Arc<Tensor>> = HashMap::new();
     for (&id, t) in graph.inputs.iter().zip(inputs) {
         check_input(graph, id, t)?;
+        if let Some(observe) = hooks.observe.as_mut() {
+            observe(id, t);
+        }
         live.insert(id, Arc::new(t.clone()));
     }
     // Last node index reading each value, so intermediates are freed early.
@@ -61,7 +87,11 @@ pub fn run(graph: &Graph, inputs: &[Tensor], opts: RunOptions) -> Result<Vec<Ten
             held.push(t);
         }
         let refs: Vec<Option<&Tensor>> = held.iter().map(|t| t.as_deref()).collect();
-        let outs = op.eval(node, &refs).map_err(|r| GraphError::Execution(issue(r)))?;
+        let outs = match hooks.int8.and_then(|p| p.nodes.get(&node.name)) {
+            Some(q) => crate::quant::int8::eval(node, op, &refs, q).map(|t| vec![t]),
+            None => op.eval(node, &refs),
+        }
+        .map_err(|r| GraphError::Execution(issue(r)))?;
         if outs.len() < node.outputs.len() {
             return Err(GraphError::Execution(issue(format!(
                 "produced {} outputs, expected {}",
@@ -70,7 +100,11 @@ pub fn run(graph: &Graph, inputs: &[Tensor], opts: RunOptions) -> Result<Vec<Ten
             ))));
         }
         for (&v, t) in node.outputs.iter().zip(outs) {
-            live.insert(v, Arc::new(if fp16 { round_f16(&t) } else { t }));
+            let t = if fp16 { round_f16(&t) } else { t };
+            if let Some(observe) = hooks.observe.as_mut() {
+                observe(v, &t);
+            }
+            live.insert(v, Arc::new(t));
         }
         for &v in node.inputs.iter().flatten() {
             if last_use.get(&v) == Some(&i) && !graph.outputs.contains(&v) {

@@ -5,7 +5,7 @@
 
 mod logic;
 mod math;
-mod nn;
+pub(crate) mod nn;
 mod shape;
 pub mod util;
 

@@ -17,7 +17,7 @@ mod movement;
 mod rewrite;
 mod shape_fold;
 #[cfg(test)]
-mod testing;
+pub(crate) mod testing;
 
 pub use attention::AttentionFusion;
 pub use bn_fold::BatchNormFold;

@@ -1,0 +1,186 @@
+//! The accuracy gate: FP32 against emulated INT8 on labelled data; when INT8 loses more
+//! than the allowed drop, the layers whose lone quantisation disturbs the outputs most
+//! are kept in higher precision (FP16 in an FP16 plan), one at a time, until the drop is
+//! within bounds.
+
+use std::collections::BTreeMap;
+
+use serde::Serialize;
+
+use super::Int8Plan;
+use crate::graph::{Graph, GraphError};
+use crate::reference::{RunOptions, run};
+use crate::Tensor;
+
+/// Labelled evaluation data: batches of model inputs with one class per item.
+#[derive(Debug, Clone, Default)]
+pub struct Labelled {
+    pub batches: Vec<(Vec<Tensor>, Vec<usize>)>,
+}
+
+impl Labelled {
+    pub fn len(&self) -> usize {
+        self.batches.iter().map(|(_, l)| l.len()).sum()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+}
+
+#[derive(Debug, Clone, Copy)]
+pub struct GateOptions {
+    /// Largest accepted loss of top-1 accuracy, in percentage points.
+    pub max_drop: f64,
+    /// Layers outside INT8 compute in FP16 (the plan's precision) rather than FP32.
+    pub fp16: bool,
+    /// Items used to measure each layer's sensitivity.
+    pub sensitivity_samples: usize,
+}
+
+/// What the gate measured and decided, for the build report.
+#[derive(Debug, Clone, Serialize)]
+pub struct GateReport {
+    pub samples: usize,
+    /// Top-1 accuracy in percent.
+    pub fp32_accuracy: f64,
+    /// Every candidate layer in INT8 (the gate off).
+    pub int8_accuracy_ungated: f64,
+    /// The plan the gate chose.
+    pub int8_accuracy: f64,
+    pub max_drop: f64,
+    pub int8_layers: usize,
+    /// Layers kept out of INT8, most sensitive first.
+    pub kept_fp16: Vec<String>,
+    /// Relative output error with only that layer in INT8, largest first.
+    pub sensitivity: Vec<(String, f64)>,
+}
+
+/// Top-1 accuracy (percent) of `outputs` (output 0, classes on the last axis).
+fn correct(output: &Tensor, labels: &[usize]) -> Result<usize, GraphError> {
+    let data = output.as_f32().ok_or_else(|| GraphError::Invalid("output 0 is not FP32".into()))?;
+    let classes = output.shape().last().copied().unwrap_or(0);
+    if classes == 0 || data.len() != classes * labels.len() {
+        return Err(GraphError::Invalid(format!(
+            "output {:?} does not hold one row of class scores per label ({})",
+            output.shape(),
+            labels.len()
+        )));
+    }
+    let hits = data
+        .chunks(classes)
+        .zip(labels)
+        .filter(|(row, label)| argmax(row) == **label)
+        .count();
+    Ok(hits)
+}
+
+/// Index of the largest score (the first on ties; NaN never wins).
+pub fn argmax(row: &[f32]) -> usize {
+    row.iter().enumerate().fold((0, f32::NEG_INFINITY), |b, (i, &v)| if v > b.1 { (i, v) } else { b }).0
+}
+
+fn first_output(mut outs: Vec<Tensor>) -> Result<Tensor, GraphError> {
+    if outs.is_empty() {
+        return Err(GraphError::Invalid("the graph has no output".into()));
+    }
+    Ok(outs.swap_remove(0))
+}
+
+fn accuracy(graph: &Graph, data: &Labelled, plan: Option<&Int8Plan>, fp16: bool) -> Result<f64, GraphError> {
+    let mut hits = 0;
+    for (inputs, labels) in &data.batches {
+        let outs = match plan {
+            Some(p) => p.run(graph, inputs, fp16)?,
+            None => run(graph, inputs, RunOptions { emulate_fp16: false })?,
+        };
+        hits += correct(&first_output(outs)?, labels)?;
+    }
+    Ok(100.0 * hits as f64 / data.len().max(1) as f64)
+}
+
+/// ‖a − b‖² / ‖b‖² over two outputs.
+fn relative_error(a: &Tensor, b: &Tensor) -> f64 {
+    let (Some(a), Some(b)) = (a.as_f32(), b.as_f32()) else { return f64::INFINITY };
+    let num: f64 = a.iter().zip(b).map(|(&x, &y)| f64::from(x - y).powi(2)).sum();
+    let den: f64 = b.iter().map(|&y| f64::from(y).powi(2)).sum();
+    if den > 0.0 { num / den } else { num }
+}
+
+/// Chooses the INT8 layers: all candidates calibrated by `thresholds`, minus the most
+/// sensitive ones until top-1 accuracy on `data` is within `max_drop` points of FP32.
+/// `progress(stage, done, total)` reports each evaluation.
+pub fn gate(
+    graph: &Graph,
+    thresholds: &BTreeMap<String, f32>,
+    data: &Labelled,
+    opts: GateOptions,
+    progress: &mut dyn FnMut(&str, usize, usize),
+) -> Result<(Int8Plan, GateReport), GraphError> {
+    if data.is_empty() {
+        return Err(GraphError::Invalid("the accuracy gate needs labelled data".into()));
+    }
+    progress("FP32 accuracy", 0, 2);
+    let fp32 = accuracy(graph, data, None, false)?;
+    let full = Int8Plan::new(graph, thresholds, &[])?;
+    progress("INT8 accuracy", 1, 2);
+    let ungated = accuracy(graph, data, Some(&full), opts.fp16)?;
+    let mut report = GateReport {
+        samples: data.len(),
+        fp32_accuracy: fp32,
+        int8_accuracy_ungated: ungated,
+        int8_accuracy: ungated,
+        max_drop: opts.max_drop,
+        int8_layers: full.nodes.len(),
+        kept_fp16: Vec::new(),
+        sensitivity: Vec::new(),
+    };
+    if fp32 - ungated <= opts.max_drop {
+        return Ok((full, report));
+    }
+
+    // Sensitivity: each layer alone in INT8, against FP32, on the first samples.
+    let mut probe = Labelled::default();
+    for batch in &data.batches {
+        if probe.len() >= opts.sensitivity_samples.max(1) {
+            break;
+        }
+        probe.batches.push(batch.clone());
+    }
+    let reference = probe
+        .batches
+        .iter()
+        .map(|(inputs, _)| run(graph, inputs, RunOptions::default()).and_then(first_output))
+        .collect::<Result<Vec<_>, _>>()?;
+    let layers = full.names_in_order(graph);
+    let mut sensitivity = Vec::with_capacity(layers.len());
+    for (i, name) in layers.iter().enumerate() {
+        progress("layer sensitivity", i, layers.len());
+        let mut alone = Int8Plan::default();
+        if let Some(q) = full.nodes.get(name) {
+            alone.nodes.insert(name.clone(), q.clone());
+        }
+        let mut err = 0.0;
+        for ((inputs, _), want) in probe.batches.iter().zip(&reference) {
+            err += relative_error(&first_output(alone.run(graph, inputs, false)?)?, want);
+        }
+        sensitivity.push((name.clone(), err / probe.batches.len().max(1) as f64));
+    }
+    sensitivity.sort_by(|a, b| b.1.total_cmp(&a.1));
+    report.sensitivity = sensitivity.clone();
+
+    let mut keep: Vec<String> = Vec::new();
+    let mut plan = full;
+    for (i, (name, _)) in sensitivity.iter().enumerate() {
+        keep.push(name.clone());
+        plan = Int8Plan::new(graph, thresholds, &keep)?;
+        progress("keeping sensitive layers in FP16", i + 1, sensitivity.len());
+        report.int8_accuracy = accuracy(graph, data, Some(&plan), opts.fp16)?;
+        if fp32 - report.int8_accuracy <= opts.max_drop {
+            break;
+        }
+    }
+    report.kept_fp16 = keep;
+    report.int8_layers = plan.nodes.len();
+    Ok((plan, report))
+}

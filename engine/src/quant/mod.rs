@@ -1,0 +1,167 @@
+//! INT8 post-training quantisation: which nodes can run in INT8, calibration of their
+//! input activations over a calibration set ([`calib`]), the per-node quantisation
+//! ([`Int8Plan`]) and its exact CPU emulation ([`int8`]), and the accuracy gate that keeps
+//! the most sensitive layers in higher precision ([`gate`]).
+
+pub mod calib;
+pub mod gate;
+pub mod int8;
+
+use std::collections::{BTreeMap, HashMap};
+use std::path::Path;
+
+use serde::{Deserialize, Serialize};
+
+use crate::graph::{Graph, GraphError, ValueId};
+use crate::reference::{Hooks, RunOptions, run_with};
+use crate::{DType, Tensor};
+pub use calib::{Histogram, Method};
+pub use int8::NodeQuant;
+
+/// The nodes that have an INT8 form: fused convolutions and dense layers whose weights
+/// are constants and whose input is a computed FP32 activation.
+pub fn candidates(graph: &Graph) -> Vec<usize> {
+    graph
+        .nodes
+        .iter()
+        .enumerate()
+        .filter(|(_, n)| matches!(n.op.as_str(), "kiln.FusedConv" | "kiln.Dense"))
+        .filter(|(_, n)| {
+            let (Some(x), Some(w)) = (n.input(0), n.input(1)) else { return false };
+            let (xv, wv) = (&graph.values[x], &graph.values[w]);
+            let float = |v: &crate::graph::Value| v.ty.as_ref().is_some_and(|t| t.dtype == DType::F32);
+            xv.constant.is_none() && float(xv) && wv.constant.as_deref().is_some_and(|t| t.dtype() == DType::F32)
+        })
+        .map(|(i, _)| i)
+        .collect()
+}
+
+/// Histograms of every candidate's input activation over a calibration set: what
+/// `kiln build --calib` caches, so that another method needs no second pass.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct CalibrationCache {
+    /// Format of this file.
+    pub version: u32,
+    /// Graph name the histograms belong to.
+    pub graph: String,
+    /// Calibration samples (batches × items) seen.
+    pub samples: usize,
+    /// Histogram per activation (value name).
+    pub histograms: BTreeMap<String, Histogram>,
+}
+
+const CACHE_VERSION: u32 = 1;
+
+impl CalibrationCache {
+    pub fn save(&self, path: &Path) -> Result<(), GraphError> {
+        let json = serde_json::to_vec(self).map_err(|e| GraphError::Invalid(e.to_string()))?;
+        std::fs::write(path, json).map_err(|e| GraphError::Invalid(format!("{}: {e}", path.display())))
+    }
+
+    /// Reads a cache written for `graph`; one for another graph or format is an error.
+    pub fn load(path: &Path, graph: &Graph) -> Result<Self, GraphError> {
+        let bad = |reason: String| GraphError::Invalid(format!("calibration cache {}: {reason}", path.display()));
+        let bytes = std::fs::read(path).map_err(|e| bad(e.to_string()))?;
+        let cache: Self = serde_json::from_slice(&bytes).map_err(|e| bad(e.to_string()))?;
+        if cache.version != CACHE_VERSION {
+            return Err(bad(format!("format {} (this kiln reads {CACHE_VERSION})", cache.version)));
+        }
+        if cache.graph != graph.name {
+            return Err(bad(format!("written for graph {:?}, not {:?}", cache.graph, graph.name)));
+        }
+        Ok(cache)
+    }
+
+    /// Clipping thresholds by `method`, per activation name.
+    pub fn thresholds(&self, method: Method) -> BTreeMap<String, f32> {
+        self.histograms.iter().map(|(name, h)| (name.clone(), h.threshold(method))).collect()
+    }
+}
+
+/// Collects the histograms: run it over every calibration batch, then take the cache.
+#[derive(Debug)]
+pub struct Calibrator {
+    /// Calibrated values and their histograms.
+    targets: HashMap<ValueId, Histogram>,
+    cache: CalibrationCache,
+}
+
+impl Calibrator {
+    pub fn new(graph: &Graph) -> Self {
+        let targets = candidates(graph)
+            .into_iter()
+            .filter_map(|i| graph.nodes[i].input(0))
+            .map(|v| (v, Histogram::default()))
+            .collect();
+        let cache = CalibrationCache { version: CACHE_VERSION, graph: graph.name.clone(), ..Default::default() };
+        Self { targets, cache }
+    }
+
+    /// Runs one batch through the FP32 graph, adding what every calibrated value held.
+    pub fn observe(&mut self, graph: &Graph, inputs: &[Tensor]) -> Result<(), GraphError> {
+        let targets = &mut self.targets;
+        let mut observe = |v: ValueId, t: &Tensor| {
+            if let (Some(h), Some(data)) = (targets.get_mut(&v), t.as_f32()) {
+                h.add(data);
+            }
+        };
+        let hooks = Hooks { int8: None, observe: Some(&mut observe) };
+        run_with(graph, inputs, RunOptions::default(), hooks)?;
+        self.cache.samples += inputs.first().map_or(0, Tensor::batch);
+        Ok(())
+    }
+
+    pub fn finish(mut self, graph: &Graph) -> CalibrationCache {
+        for (v, h) in self.targets {
+            self.cache.histograms.insert(graph.values[v].name.clone(), h);
+        }
+        self.cache
+    }
+}
+
+/// The INT8 nodes of a plan, by node name, with their scales.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct Int8Plan {
+    pub nodes: HashMap<String, NodeQuant>,
+}
+
+impl Int8Plan {
+    /// Every candidate not in `keep` (node names left in higher precision), with input
+    /// scales from `thresholds` (activation name → amax). A candidate whose input has no
+    /// threshold, or whose reduction is too long to emulate exactly, stays out.
+    pub fn new(graph: &Graph, thresholds: &BTreeMap<String, f32>, keep: &[String]) -> Result<Self, GraphError> {
+        let mut nodes = HashMap::new();
+        for i in candidates(graph) {
+            let node = &graph.nodes[i];
+            if keep.contains(&node.name) {
+                continue;
+            }
+            let (Some(x), Some(w)) = (node.input(0), node.input(1)) else { continue };
+            let Some(&amax) = thresholds.get(&graph.values[x].name) else { continue };
+            let Some(weights) = graph.values[w].constant.as_deref() else { continue };
+            match int8::weight_layout(node, weights) {
+                Ok((_, reduction)) if reduction <= int8::MAX_REDUCTION => {}
+                _ => continue,
+            }
+            let weight_scales = int8::weight_scales(node, weights).map_err(|reason| {
+                GraphError::Invalid(format!("{}: {reason}", node.name))
+            })?;
+            nodes.insert(node.name.clone(), NodeQuant { input_scale: int8::scale_for(amax), weight_scales });
+        }
+        Ok(Self { nodes })
+    }
+
+    /// The INT8 node names in graph order.
+    pub fn names_in_order(&self, graph: &Graph) -> Vec<String> {
+        graph.nodes.iter().filter(|n| self.nodes.contains_key(&n.name)).map(|n| n.name.clone()).collect()
+    }
+
+    /// Runs `graph` with these nodes in emulated INT8 (FP16 nodes rounded when `fp16`).
+    pub fn run(&self, graph: &Graph, inputs: &[Tensor], fp16: bool) -> Result<Vec<Tensor>, GraphError> {
+        let hooks = Hooks { int8: Some(self), observe: None };
+        run_with(graph, inputs, RunOptions { emulate_fp16: fp16 }, hooks)
+    }
+}
+
+#[cfg(test)]
+mod tests;
