@@ -9,7 +9,7 @@ use std::time::Duration;
 use anyhow::{Context, bail};
 use clap::{Args, ValueEnum};
 use indicatif::{ProgressBar, ProgressStyle};
-use kiln_engine::builder::{BuildOptions, BuildReport, Layout, human_bytes, precision_name};
+use kiln_engine::builder::{BuildOptions, Layout, human_bytes, precision_name};
 use kiln_engine::graph::{Graph, Precision, shape_string};
 use kiln_engine::plan::{self, Expect, Profile};
 use kiln_engine::reference::RunOptions;
@@ -76,6 +76,30 @@ pub struct BuildArgs {
     /// TensorRT: the GPU to build for.
     #[arg(long)]
     pub(crate) device: Option<u32>,
+    /// INT8 (kiln plans): calibration data, preprocessed as the model config's [input]
+    /// says: a folder of images, or an IDX images file (`*-images-idx3-ubyte[.gz]`).
+    #[arg(long)]
+    pub(crate) calib: Option<PathBuf>,
+    /// INT8: how activation ranges are chosen: entropy, minmax, percentile or percentile:P.
+    #[arg(long, default_value = "entropy")]
+    pub(crate) calib_method: String,
+    /// INT8: calibration samples used at most.
+    #[arg(long, default_value_t = 500)]
+    pub(crate) calib_limit: usize,
+    /// INT8: calibration cache (activation histograms): read when it exists, else written.
+    #[arg(long)]
+    pub(crate) calib_cache: Option<PathBuf>,
+    /// INT8: labelled data for the accuracy gate (images in `<class>/` folders named by
+    /// label or class index, or an IDX images file with its labels file beside it).
+    #[arg(long)]
+    pub(crate) accuracy_data: Option<PathBuf>,
+    /// INT8: labelled samples used at most.
+    #[arg(long, default_value_t = 10_000)]
+    pub(crate) accuracy_limit: usize,
+    /// INT8: largest accepted loss of top-1 accuracy against FP32, in points; the most
+    /// sensitive layers stay FP16 until INT8 is within it.
+    #[arg(long, default_value_t = 0.5)]
+    pub(crate) max_drop: f64,
     /// Activation layout of convolution regions (auto: NHWC for FP16).
     #[arg(long, value_enum, default_value = "auto")]
     layout: LayoutArg,
@@ -186,10 +210,14 @@ pub fn build(args: &BuildArgs) -> anyhow::Result<()> {
             other => bail!("input dimension {other} is dynamic; kiln builds profiles for batch and seq only"),
         });
     }
+    let int8 = args.precision == Some(PrecisionArg::Int8);
+    if int8 && args.calib.is_none() && !args.calib_cache.as_ref().is_some_and(|p| p.is_file()) {
+        bail!("--precision int8 needs calibration data: --calib DIR|IDX-FILE (or an existing --calib-cache)");
+    }
+    // INT8 plans keep their other layers (and the gate's sensitive ones) in FP16.
     let precision = match args.precision.unwrap_or(PrecisionArg::Fp32) {
         PrecisionArg::Fp32 => Precision::F32,
-        PrecisionArg::Fp16 => Precision::F16,
-        PrecisionArg::Int8 => bail!("kiln plans are fp32 or fp16; --precision int8 needs --backend tensorrt"),
+        PrecisionArg::Fp16 | PrecisionArg::Int8 => Precision::F16,
     };
     let opts = BuildOptions {
         precision,
@@ -217,16 +245,25 @@ pub fn build(args: &BuildArgs) -> anyhow::Result<()> {
         progress.set_position(done as u64);
         progress.set_message(pass.to_string());
     })?;
-    let plan = if precision == Precision::F16 { fill_tactics(plan, args, &progress)? } else { plan };
+    let (plan, int8_summary) = if int8 { quantise(plan, args, &progress)? } else { (plan, None) };
+    let plan =
+        if precision == Precision::F16 && int8_summary.is_none() { fill_tactics(plan, args, &progress)? } else { plan };
     progress.set_message("writing plan");
     let out = args.out.clone().unwrap_or_else(|| args.model.with_extension("plan"));
     plan::save(&plan, &out).with_context(|| format!("cannot write {}", out.display()))?;
     progress.finish_and_clear();
     println!("{report}");
+    if let Some(summary) = &int8_summary {
+        println!("{summary}");
+    }
     let size = std::fs::metadata(&out).map(|m| m.len() as usize).unwrap_or(0);
     println!("plan: {} ({})", out.display(), human_bytes(size));
     if let Some(path) = &args.report {
-        write_json(path, &report)?;
+        let mut json = serde_json::to_value(&report)?;
+        if let (Some(summary), Some(map)) = (&int8_summary, json.as_object_mut()) {
+            map.insert("int8".into(), serde_json::to_value(summary)?);
+        }
+        write_json(path, &json)?;
     }
     if args.verify {
         run_verify(args, &plan.graph, precision)?;
@@ -290,7 +327,31 @@ fn fill_tactics(mut plan: plan::Plan, args: &BuildArgs, progress: &ProgressBar) 
     Ok(plan)
 }
 
-fn write_json(path: &Path, report: &BuildReport) -> anyhow::Result<()> {
+/// Calibrates the built plan and marks its INT8 layers (see `int8.rs`).
+fn quantise(
+    mut plan: plan::Plan,
+    args: &BuildArgs,
+    progress: &ProgressBar,
+) -> anyhow::Result<(plan::Plan, Option<crate::int8::Int8Summary>)> {
+    let (config, dir) = crate::trt::model_config(args)?
+        .context("--precision int8 needs the model's config.toml (its [input] preprocessing): give --config")?;
+    let data = crate::int8::ModelData::new(&config, &dir)?;
+    let method = kiln_engine::quant::Method::parse(&args.calib_method).map_err(anyhow::Error::msg)?;
+    let opts = crate::int8::Int8Options {
+        calib: args.calib.as_deref().unwrap_or(Path::new("")),
+        method,
+        method_name: args.calib_method.clone(),
+        calib_limit: args.calib_limit,
+        cache: args.calib_cache.as_deref(),
+        accuracy: args.accuracy_data.as_deref(),
+        accuracy_limit: args.accuracy_limit,
+        max_drop: args.max_drop,
+    };
+    let summary = crate::int8::quantise(&mut plan.graph, &data, &opts, progress)?;
+    Ok((plan, Some(summary)))
+}
+
+fn write_json(path: &Path, report: &impl serde::Serialize) -> anyhow::Result<()> {
     let json = serde_json::to_string_pretty(report)?;
     std::fs::write(path, json).with_context(|| format!("cannot write {}", path.display()))
 }

@@ -1,4 +1,5 @@
 mod build;
+mod int8;
 mod perf;
 mod trt;
 

@@ -17,7 +17,7 @@ use crate::build::{BuildArgs, PrecisionArg, parse_profile};
 
 /// The model config the server will use: `--config`, or the repository layout's
 /// `<model>/config.toml` above `<model>/<version>/model.onnx`.
-fn model_config(args: &BuildArgs) -> anyhow::Result<Option<(ModelConfig, PathBuf)>> {
+pub(crate) fn model_config(args: &BuildArgs) -> anyhow::Result<Option<(ModelConfig, PathBuf)>> {
     let path = match &args.config {
         Some(p) => p.clone(),
         None => {

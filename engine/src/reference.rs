@@ -43,7 +43,12 @@ pub fn run(graph: &Graph, inputs: &[Tensor], opts: RunOptions) -> Result<Vec<Ten
 }
 
 /// [`run`] with INT8 nodes and/or an observer.
-pub fn run_with(graph: &Graph, inputs: &[Tensor], opts: RunOptions, mut hooks: Hooks<'_>) -> Result<Vec<Tensor>, GraphError> {
+pub fn run_with(
+    graph: &Graph,
+    inputs: &[Tensor],
+    opts: RunOptions,
+    mut hooks: Hooks<'_>,
+) -> Result<Vec<Tensor>, GraphError> {
     if inputs.len() != graph.inputs.len() {
         return Err(GraphError::Input {
             name: graph.name.clone(),
@@ -66,6 +71,15 @@ pub fn run_with(graph: &Graph, inputs: &[Tensor], opts: RunOptions, mut hooks: H
         }
     }
     let reg = registry();
+    // Without an explicit plan, the INT8 nodes are those the graph itself marks.
+    let marked = match hooks.int8 {
+        Some(_) => None,
+        None if graph.nodes.iter().any(|n| n.attrs.get(crate::quant::INPUT_SCALE).is_some()) => {
+            Some(Int8Plan::from_graph(graph))
+        }
+        None => None,
+    };
+    let int8 = hooks.int8.or(marked.as_ref());
     for (i, node) in graph.nodes.iter().enumerate() {
         let issue = |reason: String| NodeIssue { node: node.name.clone(), op: node.op.clone(), reason };
         let op = reg.get(&node.op).ok_or_else(|| GraphError::Execution(issue("no such op in kiln".into())))?;
@@ -87,7 +101,7 @@ pub fn run_with(graph: &Graph, inputs: &[Tensor], opts: RunOptions, mut hooks: H
             held.push(t);
         }
         let refs: Vec<Option<&Tensor>> = held.iter().map(|t| t.as_deref()).collect();
-        let outs = match hooks.int8.and_then(|p| p.nodes.get(&node.name)) {
+        let outs = match int8.and_then(|p| p.nodes.get(&node.name)) {
             Some(q) => crate::quant::int8::eval(node, op, &refs, q).map(|t| vec![t]),
             None => op.eval(node, &refs),
         }

@@ -3,7 +3,8 @@
 
 use std::io::Cursor;
 
-use image::{ImageDecoder, ImageFormat, ImageReader, Limits, RgbImage};
+pub use image::RgbImage;
+use image::{ImageDecoder, ImageFormat, ImageReader, Limits};
 
 /// Refuse decompression bombs: anything larger is not a photo a classifier wants.
 const MAX_IMAGE_SIDE: u32 = 16_384;

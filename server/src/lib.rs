@@ -23,9 +23,10 @@ use hyper_util::server::graceful::GracefulShutdown;
 use tokio::net::TcpListener;
 
 pub use classify::Prediction;
-pub use config::{BackendKind, ModelConfig};
+pub use config::{BackendKind, InputConfig, ModelConfig};
 pub use error::{ApiError, ErrorKind};
 pub use model::Model;
+pub use preprocess::Preprocess;
 
 /// Failures at start-up or while serving. Start-up errors name the file and field.
 #[derive(Debug, thiserror::Error)]

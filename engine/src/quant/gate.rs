@@ -8,9 +8,9 @@ use std::collections::BTreeMap;
 use serde::Serialize;
 
 use super::Int8Plan;
+use crate::Tensor;
 use crate::graph::{Graph, GraphError};
 use crate::reference::{RunOptions, run};
-use crate::Tensor;
 
 /// Labelled evaluation data: batches of model inputs with one class per item.
 #[derive(Debug, Clone, Default)]
@@ -48,6 +48,8 @@ pub struct GateReport {
     pub int8_accuracy_ungated: f64,
     /// The plan the gate chose.
     pub int8_accuracy: f64,
+    /// Items whose INT8 top-1 equals the FP32 top-1, in percent (labels not needed).
+    pub agreement: f64,
     pub max_drop: f64,
     pub int8_layers: usize,
     /// Layers kept out of INT8, most sensitive first.
@@ -56,23 +58,17 @@ pub struct GateReport {
     pub sensitivity: Vec<(String, f64)>,
 }
 
-/// Top-1 accuracy (percent) of `outputs` (output 0, classes on the last axis).
-fn correct(output: &Tensor, labels: &[usize]) -> Result<usize, GraphError> {
+/// The top-1 class of every item of `output` (output 0, classes on the last axis).
+fn predictions(output: &Tensor, items: usize) -> Result<Vec<usize>, GraphError> {
     let data = output.as_f32().ok_or_else(|| GraphError::Invalid("output 0 is not FP32".into()))?;
     let classes = output.shape().last().copied().unwrap_or(0);
-    if classes == 0 || data.len() != classes * labels.len() {
+    if classes == 0 || data.len() != classes * items {
         return Err(GraphError::Invalid(format!(
-            "output {:?} does not hold one row of class scores per label ({})",
-            output.shape(),
-            labels.len()
+            "output {:?} does not hold one row of class scores per item ({items})",
+            output.shape()
         )));
     }
-    let hits = data
-        .chunks(classes)
-        .zip(labels)
-        .filter(|(row, label)| argmax(row) == **label)
-        .count();
-    Ok(hits)
+    Ok(data.chunks(classes).map(argmax).collect())
 }
 
 /// Index of the largest score (the first on ties; NaN never wins).
@@ -87,16 +83,22 @@ fn first_output(mut outs: Vec<Tensor>) -> Result<Tensor, GraphError> {
     Ok(outs.swap_remove(0))
 }
 
-fn accuracy(graph: &Graph, data: &Labelled, plan: Option<&Int8Plan>, fp16: bool) -> Result<f64, GraphError> {
-    let mut hits = 0;
+/// Top-1 predictions over `data` with `plan`'s layers in INT8 (FP32 without a plan).
+fn predict(graph: &Graph, data: &Labelled, plan: Option<&Int8Plan>, fp16: bool) -> Result<Vec<usize>, GraphError> {
+    let mut out = Vec::with_capacity(data.len());
     for (inputs, labels) in &data.batches {
         let outs = match plan {
             Some(p) => p.run(graph, inputs, fp16)?,
             None => run(graph, inputs, RunOptions { emulate_fp16: false })?,
         };
-        hits += correct(&first_output(outs)?, labels)?;
+        out.extend(predictions(&first_output(outs)?, labels.len())?);
     }
-    Ok(100.0 * hits as f64 / data.len().max(1) as f64)
+    Ok(out)
+}
+
+/// Percentage of `a` equal to `b`, item by item.
+fn percent_equal(a: &[usize], b: impl Iterator<Item = usize>) -> f64 {
+    100.0 * a.iter().zip(b).filter(|(x, y)| **x == *y).count() as f64 / a.len().max(1) as f64
 }
 
 /// ‖a − b‖² / ‖b‖² over two outputs.
@@ -120,16 +122,21 @@ pub fn gate(
     if data.is_empty() {
         return Err(GraphError::Invalid("the accuracy gate needs labelled data".into()));
     }
+    let labels: Vec<usize> = data.batches.iter().flat_map(|(_, l)| l.iter().copied()).collect();
+    let accuracy = |p: &[usize]| percent_equal(p, labels.iter().copied());
     progress("FP32 accuracy", 0, 2);
-    let fp32 = accuracy(graph, data, None, false)?;
+    let fp32_pred = predict(graph, data, None, false)?;
+    let fp32 = accuracy(&fp32_pred);
     let full = Int8Plan::new(graph, thresholds, &[])?;
     progress("INT8 accuracy", 1, 2);
-    let ungated = accuracy(graph, data, Some(&full), opts.fp16)?;
+    let full_pred = predict(graph, data, Some(&full), opts.fp16)?;
+    let ungated = accuracy(&full_pred);
     let mut report = GateReport {
         samples: data.len(),
         fp32_accuracy: fp32,
         int8_accuracy_ungated: ungated,
         int8_accuracy: ungated,
+        agreement: percent_equal(&full_pred, fp32_pred.iter().copied()),
         max_drop: opts.max_drop,
         int8_layers: full.nodes.len(),
         kept_fp16: Vec::new(),
@@ -175,7 +182,9 @@ pub fn gate(
         keep.push(name.clone());
         plan = Int8Plan::new(graph, thresholds, &keep)?;
         progress("keeping sensitive layers in FP16", i + 1, sensitivity.len());
-        report.int8_accuracy = accuracy(graph, data, Some(&plan), opts.fp16)?;
+        let pred = predict(graph, data, Some(&plan), opts.fp16)?;
+        report.int8_accuracy = accuracy(&pred);
+        report.agreement = percent_equal(&pred, fp32_pred.iter().copied());
         if fp32 - report.int8_accuracy <= opts.max_drop {
             break;
         }

@@ -12,7 +12,7 @@ use std::path::Path;
 
 use serde::{Deserialize, Serialize};
 
-use crate::graph::{Graph, GraphError, ValueId};
+use crate::graph::{Attr, Graph, GraphError, ValueId};
 use crate::reference::{Hooks, RunOptions, run_with};
 use crate::{DType, Tensor};
 pub use calib::{Histogram, Method};
@@ -119,6 +119,11 @@ impl Calibrator {
     }
 }
 
+/// Node attribute: the INT8 input activation's scale.
+pub const INPUT_SCALE: &str = "int8_input_scale";
+/// Node attribute: the INT8 weights' per-output-channel scales.
+pub const WEIGHT_SCALES: &str = "int8_weight_scales";
+
 /// The INT8 nodes of a plan, by node name, with their scales.
 #[derive(Debug, Clone, Default, PartialEq)]
 pub struct Int8Plan {
@@ -143,12 +148,44 @@ impl Int8Plan {
                 Ok((_, reduction)) if reduction <= int8::MAX_REDUCTION => {}
                 _ => continue,
             }
-            let weight_scales = int8::weight_scales(node, weights).map_err(|reason| {
-                GraphError::Invalid(format!("{}: {reason}", node.name))
-            })?;
+            let weight_scales = int8::weight_scales(node, weights)
+                .map_err(|reason| GraphError::Invalid(format!("{}: {reason}", node.name)))?;
             nodes.insert(node.name.clone(), NodeQuant { input_scale: int8::scale_for(amax), weight_scales });
         }
         Ok(Self { nodes })
+    }
+
+    /// Records the plan in the graph: INT8 nodes carry `int8_input_scale` and
+    /// `int8_weight_scales` (a plan file keeps them, the reference executor and the CUDA
+    /// engine read them); every other node loses them.
+    pub fn apply(&self, graph: &mut Graph) {
+        for node in &mut graph.nodes {
+            match self.nodes.get(&node.name) {
+                Some(q) => {
+                    node.attrs.insert(INPUT_SCALE, Attr::Float(q.input_scale));
+                    node.attrs.insert(WEIGHT_SCALES, Attr::Floats(q.weight_scales.clone()));
+                }
+                None => {
+                    node.attrs.remove(INPUT_SCALE);
+                    node.attrs.remove(WEIGHT_SCALES);
+                }
+            }
+        }
+    }
+
+    /// The plan a graph carries (see [`Int8Plan::apply`]).
+    pub fn from_graph(graph: &Graph) -> Self {
+        let nodes = graph
+            .nodes
+            .iter()
+            .filter_map(|n| match (n.attrs.get(INPUT_SCALE), n.attrs.get(WEIGHT_SCALES)) {
+                (Some(Attr::Float(s)), Some(Attr::Floats(w))) => {
+                    Some((n.name.clone(), NodeQuant { input_scale: *s, weight_scales: w.clone() }))
+                }
+                _ => None,
+            })
+            .collect();
+        Self { nodes }
     }
 
     /// The INT8 node names in graph order.

@@ -174,5 +174,17 @@ fn calibration_plan_and_gate_end_to_end() -> TestResult {
     assert_eq!(report.kept_fp16.first(), Some(&graph.nodes[0].name));
     assert!(!plan.nodes.contains_key(&graph.nodes[0].name));
     assert!(report.fp32_accuracy - report.int8_accuracy <= 0.0 + 1e-9, "{report:?}");
+
+    // The plan travels in the graph's node attributes: a plain run computes the same INT8.
+    let full = Int8Plan::new(&graph, &thresholds, &[])?;
+    let mut marked = graph.clone();
+    full.apply(&mut marked);
+    assert_eq!(Int8Plan::from_graph(&marked), full);
+    let (a, b) = (run(&marked, &batches[0], RunOptions::default())?, full.run(&graph, &batches[0], false)?);
+    assert_eq!(a[0].as_f32(), b[0].as_f32());
+    let fp32 = run(&graph, &batches[0], RunOptions::default())?;
+    assert_ne!(a[0].as_f32(), fp32[0].as_f32(), "INT8 rounding changes something");
+    Int8Plan::default().apply(&mut marked);
+    assert!(Int8Plan::from_graph(&marked).nodes.is_empty());
     Ok(())
 }
