@@ -214,6 +214,17 @@ mod tests {
     }
 
     #[test]
+    fn relu_outputs_with_a_spike_at_zero_keep_their_bulk() {
+        // Half the values exactly zero (post-ReLU), half |N(0, 1)|.
+        let data: Vec<f32> = normals(200_000).into_iter().map(|x| x.max(0.0)).collect();
+        let mut h = Histogram::default();
+        h.add(&data);
+        let e = h.threshold(Method::Entropy);
+        // About 2σ: entropy clips ReLU tails harder than a high percentile does.
+        assert!(e > 1.8 && e < h.threshold(Method::Percentile { percentile: 99.99 }), "entropy on ReLU outputs: {e}");
+    }
+
+    #[test]
     fn one_outlier_stretches_minmax_but_not_the_others() {
         let mut data = normals(100_000);
         data.push(60.0);
