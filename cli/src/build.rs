@@ -80,9 +80,8 @@ pub struct BuildArgs {
     /// says: a folder of images, or an IDX images file (`*-images-idx3-ubyte[.gz]`).
     #[arg(long)]
     pub(crate) calib: Option<PathBuf>,
-    /// INT8: how activation ranges are chosen: percentile (99.99; the default), percentile:P,
-    /// minmax, or entropy (TensorRT's KL method, which clips harder: on EfficientNet-Lite0
-    /// with a handful of calibration images it needs the gate to keep 14 layers in FP16).
+    /// INT8: how activation ranges are chosen: percentile (99.99, the default), percentile:P,
+    /// minmax, or entropy (TensorRT's KL method).
     #[arg(long, default_value = "percentile")]
     pub(crate) calib_method: String,
     /// INT8: calibration samples used at most.

@@ -24,8 +24,11 @@ struct Dataset {
     labels: Vec<Option<usize>>,
 }
 
+/// One batch of model inputs with the labels of its items (where known).
+type Batch = (Vec<Tensor>, Vec<Option<usize>>);
+
 impl Dataset {
-    fn batches(&self) -> anyhow::Result<Vec<(Vec<Tensor>, Vec<Option<usize>>)>> {
+    fn batches(&self) -> anyhow::Result<Vec<Batch>> {
         let mut out = Vec::new();
         for (items, labels) in self.items.chunks(BATCH).zip(self.labels.chunks(BATCH)) {
             let mut shape = vec![items.len()];

@@ -121,9 +121,9 @@ fn build_for_tensorrt_fails_clearly_without_tensorrt() -> anyhow::Result<()> {
     }
     ensure!(!dir.path("trt_cache").exists(), "a cache directory was created for a build that could not run");
 
-    // A kiln plan cannot be INT8 (yet), and kiln-plan flags do not apply to TensorRT.
+    // An INT8 kiln plan needs calibration data, and kiln-plan flags do not apply to TensorRT.
     let out = kiln(&["build", model, "--precision", "int8"])?;
-    ensure!(!out.status.success() && text(&out.stderr).contains("--backend tensorrt"), "{}", text(&out.stderr));
+    ensure!(!out.status.success() && text(&out.stderr).contains("--calib"), "{}", text(&out.stderr));
     let out = kiln(&["build", model, "--backend", "tensorrt", "--verify"])?;
     ensure!(
         !out.status.success() && text(&out.stderr).contains("--verify applies to kiln plans"),
@@ -143,5 +143,61 @@ fn build_for_tensorrt_fails_clearly_without_tensorrt() -> anyhow::Result<()> {
         return Ok(());
     }
     ensure!(stderr.contains("TensorRT 10 for CUDA 13") && stderr.contains("LD_LIBRARY_PATH"), "{stderr}");
+    Ok(())
+}
+
+#[test]
+fn int8_build_of_efficientnet_lite0_calibrates_gates_and_reports() -> anyhow::Result<()> {
+    let root = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("..");
+    let model = root.join("models/efficientnet_lite0/1/model.onnx");
+    ensure!(model.is_file(), "{} is missing: run `make setup`", model.display());
+    let dir = TempDir::new("cli-int8")?;
+    let (cal, acc) = (dir.path("cal"), dir.path("acc"));
+    for (photo, class) in [("flower.jpg", "daisy"), ("china.jpg", "palace")] {
+        let src = root.join(".kiln/assets").join(photo);
+        std::fs::create_dir_all(&cal)?;
+        std::fs::copy(&src, cal.join(photo))?;
+        std::fs::create_dir_all(acc.join(class))?;
+        std::fs::copy(&src, acc.join(class).join(photo))?;
+    }
+    let (plan, report, cache) = (dir.path("int8.plan"), dir.path("report.json"), dir.path("calib.json"));
+    let path = |p: &PathBuf| p.to_str().map(str::to_owned).context("path");
+    let args = |calib: bool| -> anyhow::Result<Vec<String>> {
+        let mut a: Vec<String> = ["build", path(&model)?.as_str(), "--precision", "int8", "--calib-cache"]
+            .iter()
+            .map(|s| s.to_string())
+            .collect();
+        a.push(path(&cache)?);
+        if calib {
+            a.extend(["--calib".to_string(), path(&cal)?]);
+        }
+        a.extend(["--accuracy-data".into(), path(&acc)?, "--max-drop".into(), "0.5".into()]);
+        a.extend(["--out".into(), path(&plan)?, "--report".into(), path(&report)?]);
+        Ok(a)
+    };
+    let first = args(true)?;
+    let out = kiln(&first.iter().map(String::as_str).collect::<Vec<_>>())?;
+    let stdout = text(&out.stdout);
+    ensure!(out.status.success(), "INT8 build failed: {stdout}\n{}", text(&out.stderr));
+    ensure!(stdout.contains("INT8: ") && stdout.contains("top-1 agreement with FP32: 100.00 %"), "{stdout}");
+    ensure!(cache.is_file(), "no calibration cache written");
+    let json: serde_json::Value = serde_json::from_slice(&std::fs::read(&report)?)?;
+    let int8 = &json["int8"];
+    let layers = int8["int8_layers"].as_array().context("int8_layers")?.len();
+    ensure!(layers > 0 && int8["candidates"] == 50, "{int8}");
+    ensure!(int8["gate"]["kept_fp16"].is_array() && int8["gate"]["agreement"] == 100.0, "{int8}");
+    ensure!(int8["gate"]["fp32_accuracy"] == 100.0 && int8["gate"]["int8_accuracy"] == 100.0, "{int8}");
+
+    // The cache alone (no --calib) gives the same INT8 layers.
+    let second = args(false)?;
+    let out = kiln(&second.iter().map(String::as_str).collect::<Vec<_>>())?;
+    ensure!(out.status.success(), "{}", text(&out.stderr));
+    let again: serde_json::Value = serde_json::from_slice(&std::fs::read(&report)?)?;
+    ensure!(again["int8"]["int8_layers"] == int8["int8_layers"], "{again}");
+
+    // INT8 without calibration data is refused with a message.
+    let bare = dir.path("none.json");
+    let out = kiln(&["build", path(&model)?.as_str(), "--precision", "int8", "--calib-cache", path(&bare)?.as_str()])?;
+    ensure!(!out.status.success() && text(&out.stderr).contains("--calib"), "{}", text(&out.stderr));
     Ok(())
 }

@@ -25,8 +25,11 @@ pub struct RunOptions {
 #[derive(Default)]
 pub struct Hooks<'a> {
     pub int8: Option<&'a Int8Plan>,
-    pub observe: Option<&'a mut dyn FnMut(ValueId, &Tensor)>,
+    pub observe: Option<&'a mut Observer<'a>>,
 }
+
+/// Shown every value of a run as it is computed.
+pub type Observer<'a> = dyn FnMut(ValueId, &Tensor) + 'a;
 
 impl std::fmt::Debug for Hooks<'_> {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {

@@ -14,6 +14,7 @@ mod gelu;
 mod layer_norm;
 mod layout;
 mod movement;
+mod qdq;
 mod rewrite;
 mod shape_fold;
 #[cfg(test)]
@@ -30,6 +31,7 @@ pub use gelu::GeluFusion;
 pub use layer_norm::LayerNormFusion;
 pub use layout::NhwcLayout;
 pub use movement::MovementFolding;
+pub use qdq::QdqFolding;
 pub use shape_fold::ShapeFolding;
 
 use crate::graph::{Graph, GraphError, Precision};
@@ -79,6 +81,7 @@ pub fn pipeline(cx: &PassContext) -> Vec<Box<dyn Pass>> {
         Box::new(ConvFusion),
         Box::new(DenseFusion),
         Box::new(AttentionFusion),
+        Box::new(QdqFolding),
     ];
     if cx.nhwc {
         passes.push(Box::new(NhwcLayout));

@@ -9,6 +9,7 @@ mod binary;
 mod clip;
 pub(crate) mod erf;
 mod layer_norm;
+mod quantize;
 mod reduce;
 pub(crate) mod softmax;
 pub(crate) mod unary;
@@ -22,6 +23,8 @@ pub(crate) fn register(r: &mut Registry) {
     r.add(softmax::Softmax);
     reduce::register(r);
     r.add(layer_norm::LayerNormalization);
+    r.add(quantize::QuantizeLinear);
+    r.add(quantize::DequantizeLinear);
 }
 
 /// Calls `f(a_offset, b_offset, len, a_step, b_step)` for every innermost run
