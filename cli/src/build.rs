@@ -101,6 +101,10 @@ pub struct BuildArgs {
     /// sensitive layers stay FP16 until INT8 is within it.
     #[arg(long, default_value_t = 0.5)]
     pub(crate) max_drop: f64,
+    /// INT8: also write the model with kiln's calibration as QuantizeLinear/DequantizeLinear
+    /// pairs (per-channel INT8 weights), for ONNX Runtime or TensorRT.
+    #[arg(long)]
+    pub(crate) export_qdq: Option<PathBuf>,
     /// Activation layout of convolution regions (auto: NHWC for FP16).
     #[arg(long, value_enum, default_value = "auto")]
     layout: LayoutArg,
@@ -349,6 +353,18 @@ fn quantise(
         max_drop: args.max_drop,
     };
     let summary = crate::int8::quantise(&mut plan.graph, &data, &opts, progress)?;
+    if let Some(out) = &args.export_qdq {
+        let original = kiln_onnx::load(&args.model).with_context(|| format!("reading {}", args.model.display()))?;
+        let int8 = kiln_engine::quant::Int8Plan::from_graph(&plan.graph);
+        let (model, report) = kiln_engine::quant::export::qdq_model(&original, &int8)?;
+        kiln_onnx::save(&model, out).with_context(|| format!("writing {}", out.display()))?;
+        progress.suspend(|| {
+            println!("Q/DQ model: {} ({} layers quantised)", out.display(), report.quantized.len());
+            for (name, why) in &report.skipped {
+                println!("  left in float: {name} ({why})");
+            }
+        });
+    }
     Ok((plan, Some(summary)))
 }
 

@@ -161,6 +161,7 @@ fn int8_build_of_efficientnet_lite0_calibrates_gates_and_reports() -> anyhow::Re
         std::fs::copy(&src, acc.join(class).join(photo))?;
     }
     let (plan, report, cache) = (dir.path("int8.plan"), dir.path("report.json"), dir.path("calib.json"));
+    let qdq = dir.path("qdq.onnx");
     let path = |p: &PathBuf| p.to_str().map(str::to_owned).context("path");
     let args = |calib: bool| -> anyhow::Result<Vec<String>> {
         let mut a: Vec<String> = ["build", path(&model)?.as_str(), "--precision", "int8", "--calib-cache"]
@@ -169,7 +170,7 @@ fn int8_build_of_efficientnet_lite0_calibrates_gates_and_reports() -> anyhow::Re
             .collect();
         a.push(path(&cache)?);
         if calib {
-            a.extend(["--calib".to_string(), path(&cal)?]);
+            a.extend(["--calib".to_string(), path(&cal)?, "--export-qdq".into(), path(&qdq)?]);
         }
         a.extend(["--accuracy-data".into(), path(&acc)?, "--max-drop".into(), "0.5".into()]);
         a.extend(["--out".into(), path(&plan)?, "--report".into(), path(&report)?]);
@@ -187,6 +188,12 @@ fn int8_build_of_efficientnet_lite0_calibrates_gates_and_reports() -> anyhow::Re
     ensure!(layers > 0 && int8["candidates"] == 50, "{int8}");
     ensure!(int8["gate"]["kept_fp16"].is_array() && int8["gate"]["agreement"] == 100.0, "{int8}");
     ensure!(int8["gate"]["fp32_accuracy"] == 100.0 && int8["gate"]["int8_accuracy"] == 100.0, "{int8}");
+    // The Q/DQ export carries one activation pair per INT8 layer.
+    let exported = kiln_onnx::load(&qdq)?;
+    let graph = exported.graph.context("no graph")?;
+    let pairs = graph.node.iter().filter(|n| n.op_type == "QuantizeLinear").count();
+    ensure!(pairs == layers, "{pairs} QuantizeLinear nodes for {layers} INT8 layers");
+    ensure!(stdout.contains(&format!("Q/DQ model: {}", qdq.display())), "{stdout}");
 
     // The cache alone (no --calib) gives the same INT8 layers.
     let second = args(false)?;

@@ -120,3 +120,67 @@ fn a_qdq_convolution_becomes_int8_and_matches_onnx_runtime() -> anyhow::Result<(
     }
     Ok(())
 }
+
+/// kiln's calibration exported as Q/DQ: ONNX Runtime running the exported model computes
+/// what kiln's INT8 emulation computes, and kiln importing it recovers the same INT8 layers.
+#[test]
+fn kilns_calibration_exports_as_a_qdq_model_other_runtimes_run() -> anyhow::Result<()> {
+    use kiln_engine::quant::export::qdq_model;
+    use kiln_engine::quant::{Calibrator, Method};
+    use kiln_tests::resnet::{Depth, resnet};
+    let dir = TempDir::new("qdq-export")?;
+    let original = resnet(Depth::R18, 10, 5)?;
+    let path = dir.path("r18.onnx");
+    kiln_onnx::save(&original, &path)?;
+    let opts = BuildOptions {
+        precision: Precision::F32,
+        profiles: vec![Profile { symbol: "batch".into(), min: 1, opt: 2, max: 2 }],
+        ..BuildOptions::default()
+    };
+    let (plan, _) = build(import::import_file(&path)?, &opts, |_, _, _| {})?;
+    let input = |seed: u32| -> anyhow::Result<Vec<Tensor>> {
+        let mut state = seed;
+        let data = (0..2 * 3 * 224 * 224)
+            .map(|_| {
+                state = state.wrapping_mul(1_103_515_245).wrapping_add(12345);
+                ((state >> 8) as f32 / (1u32 << 24) as f32) * 2.0 - 1.0
+            })
+            .collect();
+        Ok(vec![Tensor::new(vec![2, 3, 224, 224], TensorData::F32(data))?])
+    };
+    let mut calibrator = Calibrator::new(&plan.graph);
+    for seed in [1, 2] {
+        calibrator.observe(&plan.graph, &input(seed)?)?;
+    }
+    let thresholds = calibrator.finish(&plan.graph).thresholds(Method::MinMax);
+    let int8 = Int8Plan::new(&plan.graph, &thresholds, &[])?;
+    ensure!(int8.nodes.len() == 21, "ResNet-18 has 20 convolutions and one dense layer: {}", int8.nodes.len());
+
+    let (qdq, report) = qdq_model(&original, &int8)?;
+    ensure!(report.quantized.len() == 21 && report.skipped.is_empty(), "{report:?}");
+    let exported = dir.path("r18-qdq.onnx");
+    kiln_onnx::save(&qdq, &exported)?;
+
+    let x = input(3)?;
+    let ours = int8.run(&plan.graph, &x, false)?;
+    let runtime = OrtRuntime::load(&ort_library()?)?;
+    let reimported = import::import_file(&exported)?;
+    let theirs = run_ort(&runtime, &exported, &reimported, &x)?;
+    let (a, b) = (ours[0].as_f32().context("kiln")?, theirs[0].as_f32().context("ORT")?);
+    let range = b.iter().fold(0f32, |m, v| m.max(v.abs()));
+    let worst = a.iter().zip(b).fold(0f32, |m, (p, q)| m.max((p - q).abs()));
+    ensure!(worst <= 0.02 * range, "kiln INT8 vs ONNX Runtime on the exported Q/DQ model: {worst} of {range}");
+    let fp32 = run(&plan.graph, &x, RunOptions::default())?;
+    let float_gap = fp32[0].as_f32().context("fp32")?.iter().zip(b).fold(0f32, |m, (p, q)| m.max((p - q).abs()));
+    ensure!(worst < float_gap, "the exported model computes INT8, not FP32 ({worst} vs FP32 gap {float_gap})");
+
+    // Back into kiln: the same layers become INT8 with the exported activation scales.
+    let (rebuilt, _) = build(reimported, &opts, |_, _, _| {})?;
+    let again = Int8Plan::from_graph(&rebuilt.graph);
+    ensure!(again.nodes.len() == 21, "{} INT8 layers after re-import", again.nodes.len());
+    for (name, q) in &int8.nodes {
+        let r = again.nodes.get(name).with_context(|| format!("{name} lost its INT8 form"))?;
+        ensure!(r.input_scale == q.input_scale, "{name}: {} vs {}", r.input_scale, q.input_scale);
+    }
+    Ok(())
+}

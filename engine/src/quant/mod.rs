@@ -4,6 +4,7 @@
 //! the most sensitive layers in higher precision ([`gate`]).
 
 pub mod calib;
+pub mod export;
 pub mod gate;
 pub mod int8;
 
