@@ -102,5 +102,12 @@ pub const ATTENTION: KernelSource = KernelSource {
 };
 
 /// Every kernel kiln has (what the NVRTC/ptxas CI check compiles).
+/// Quantisation into INT8 and the requantising epilogue of INT8 layers.
+pub const QUANT: KernelSource = KernelSource {
+    name: "quant",
+    source: with_common!("../cu/quant.cu"),
+    functions: &["kiln_quantize", "kiln_requant"],
+};
+
 pub const ALL: &[KernelSource] =
-    &[PREPROCESS, CAST, COPY, ELEMENTWISE, POOL, SOFTMAX, LAYERNORM, GATHER, REDUCE, ATTENTION];
+    &[PREPROCESS, CAST, COPY, ELEMENTWISE, POOL, SOFTMAX, LAYERNORM, GATHER, REDUCE, ATTENTION, QUANT];

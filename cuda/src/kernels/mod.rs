@@ -18,6 +18,7 @@ mod ew_math;
 mod movement;
 mod norm;
 mod pool;
+mod quant;
 
 use cudarc::driver::{CudaFunction, CudaStream};
 use kiln_engine::DType;
@@ -28,6 +29,7 @@ pub use elementwise::{EW_MAX_INPUTS, EW_MAX_OPS, EW_MAX_RANK, EwBuilder, EwOp, E
 pub use movement::{CastArgs, CopyArgs, GatherArgs, row_major_strides};
 pub use norm::{LayerNormArgs, ReduceArgs, ReduceKind, SoftmaxArgs};
 pub use pool::{GlobalPoolArgs, Layout, Pool2dArgs, PoolKind};
+pub use quant::{Int8Act, Int8Out, QuantizeArgs, RequantArgs, quantize_reference, requant_reference};
 
 use crate::CudaError;
 use crate::device::Device;
@@ -123,6 +125,8 @@ pub struct Kernels {
     reduce_cols: FloatPairs,
     /// [Q/K/V/Y float index][mask float index].
     attention: FloatPairs,
+    quantize: CudaFunction,
+    requant: CudaFunction,
 }
 
 impl Kernels {
@@ -151,6 +155,8 @@ impl Kernels {
             reduce_rows: pairs(&sources::REDUCE, "kiln_reduce_rows", "")?,
             reduce_cols: pairs(&sources::REDUCE, "kiln_reduce_cols", "")?,
             attention: pairs(&sources::ATTENTION, "kiln_attention", "m")?,
+            quantize: one(&sources::QUANT, "kiln_quantize")?,
+            requant: one(&sources::QUANT, "kiln_requant")?,
         })
     }
 }

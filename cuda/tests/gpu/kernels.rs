@@ -10,6 +10,7 @@
 
 mod attention;
 mod pool;
+mod quant;
 mod rows;
 
 use std::error::Error;
