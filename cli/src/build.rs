@@ -458,10 +458,19 @@ fn print_summary(g: &Graph, nodes: bool) {
     }
     let ops: Vec<String> = g.op_histogram().iter().map(|(op, n)| format!("{op} ×{n}")).collect();
     println!("  ops: {}", ops.join(", "));
+    let int8 = kiln_engine::quant::Int8Plan::from_graph(g).nodes.len();
+    if int8 > 0 {
+        println!("  INT8 layers: {int8}");
+    }
     if nodes {
         for n in &g.nodes {
             let outs: Vec<String> = n.outputs.iter().map(|&o| ty(o)).collect();
-            let prec = if n.precision == Precision::F16 { " fp16" } else { "" };
+            let int8 = n.attrs.get(kiln_engine::quant::INPUT_SCALE).is_some();
+            let prec = match (int8, n.precision) {
+                (true, _) => " int8",
+                (false, Precision::F16) => " fp16",
+                (false, Precision::F32) => "",
+            };
             println!("  {:<40} {:<20} → {}{prec}", n.name, n.op, outs.join(", "));
         }
     }

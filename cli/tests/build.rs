@@ -195,6 +195,9 @@ fn int8_build_of_efficientnet_lite0_calibrates_gates_and_reports() -> anyhow::Re
     ensure!(pairs == layers, "{pairs} QuantizeLinear nodes for {layers} INT8 layers");
     ensure!(stdout.contains(&format!("Q/DQ model: {}", qdq.display())), "{stdout}");
 
+    let out = kiln(&["inspect", path(&plan)?.as_str()])?;
+    ensure!(text(&out.stdout).contains(&format!("INT8 layers: {layers}")), "{}", text(&out.stdout));
+
     // The cache alone (no --calib) gives the same INT8 layers.
     let second = args(false)?;
     let out = kiln(&second.iter().map(String::as_str).collect::<Vec<_>>())?;
