@@ -216,9 +216,7 @@ pub fn build(args: &BuildArgs) -> anyhow::Result<()> {
         });
     }
     let int8 = args.precision == Some(PrecisionArg::Int8);
-    if int8 && args.calib.is_none() && !args.calib_cache.as_ref().is_some_and(|p| p.is_file()) {
-        bail!("--precision int8 needs calibration data: --calib DIR|IDX-FILE (or an existing --calib-cache)");
-    }
+    check_int8_flags(args, int8)?;
     // INT8 plans keep their other layers (and the gate's sensitive ones) in FP16.
     let precision = match args.precision.unwrap_or(PrecisionArg::Fp32) {
         PrecisionArg::Fp32 => Precision::F32,
@@ -330,6 +328,34 @@ fn fill_tactics(mut plan: plan::Plan, args: &BuildArgs, progress: &ProgressBar) 
         )
     });
     Ok(plan)
+}
+
+/// INT8 options only with `--precision int8`, and not with what they cannot combine with.
+pub(crate) fn check_int8_flags(args: &BuildArgs, int8: bool) -> anyhow::Result<()> {
+    let given = [
+        ("--calib", args.calib.is_some()),
+        ("--calib-cache", args.calib_cache.is_some()),
+        ("--accuracy-data", args.accuracy_data.is_some()),
+        ("--export-qdq", args.export_qdq.is_some()),
+    ];
+    if !int8 {
+        if let Some((flag, _)) = given.iter().find(|(_, set)| *set) {
+            bail!("{flag} applies to --precision int8");
+        }
+        return Ok(());
+    }
+    if args.calib.is_none() && !args.calib_cache.as_ref().is_some_and(|p| p.is_file()) {
+        bail!("--precision int8 needs calibration data: --calib DIR|IDX-FILE (or an existing --calib-cache)");
+    }
+    if args.verify {
+        bail!(
+            "--verify compares with FP32 ONNX Runtime; an INT8 plan is checked by the accuracy gate (--accuracy-data)"
+        );
+    }
+    if args.uint8_mean.is_some() {
+        bail!("--uint8-mean/--uint8-std cannot be combined with --precision int8 yet");
+    }
+    Ok(())
 }
 
 /// Calibrates the built plan and marks its INT8 layers (see `int8.rs`).

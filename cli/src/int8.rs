@@ -72,7 +72,8 @@ fn idx(path: &Path, rank: usize) -> anyhow::Result<(Vec<usize>, Vec<u8>)> {
         .map(|i| u32::from_be_bytes([bytes[4 + 4 * i], bytes[5 + 4 * i], bytes[6 + 4 * i], bytes[7 + 4 * i]]) as usize)
         .collect();
     let body = bytes[4 + 4 * rank..].to_vec();
-    ensure!(body.len() == dims.iter().product::<usize>(), bad());
+    let count = dims.iter().try_fold(1usize, |a, &d| a.checked_mul(d));
+    ensure!(count == Some(body.len()), bad());
     Ok((dims, body))
 }
 
@@ -81,9 +82,12 @@ fn load_idx(images: &Path, pre: &Preprocess, limit: usize) -> anyhow::Result<Dat
     let name = images.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
     let labels_path = images.with_file_name(name.replace("images-idx3", "labels-idx1"));
     let labels = if labels_path != images && labels_path.is_file() { Some(idx(&labels_path, 1)?.1) } else { None };
-    let (n, h, w) = (dims[0].min(limit), dims[1], dims[2]);
+    if let Some(l) = &labels {
+        ensure!(l.len() >= dims[0], "{}: {} labels for {} images", labels_path.display(), l.len(), dims[0]);
+    }
+    let (h, w) = (dims[1], dims[2]);
     let mut data = Dataset { item_shape: pre.item_shape().to_vec(), items: Vec::new(), labels: Vec::new() };
-    for i in 0..n {
+    for i in spread(dims[0], limit) {
         let gray = &pixels[i * h * w..(i + 1) * h * w];
         let rgb: Vec<u8> = gray.iter().flat_map(|&p| [p, p, p]).collect();
         let image = kiln_image::RgbImage::from_raw(w as u32, h as u32, rgb).context("IDX image size")?;
@@ -93,6 +97,15 @@ fn load_idx(images: &Path, pre: &Preprocess, limit: usize) -> anyhow::Result<Dat
         data.labels.push(labels.as_ref().map(|l| usize::from(l[i])));
     }
     Ok(data)
+}
+
+/// `limit` indices spread evenly over `0..n` (all of them when `limit >= n`): class-sorted
+/// folders and files must not yield only the first classes.
+fn spread(n: usize, limit: usize) -> Vec<usize> {
+    if limit >= n {
+        return (0..n).collect();
+    }
+    (0..limit).map(|i| i * n / limit).collect()
 }
 
 fn image_files(dir: &Path, out: &mut Vec<PathBuf>) -> anyhow::Result<()> {
@@ -113,10 +126,10 @@ fn image_files(dir: &Path, out: &mut Vec<PathBuf>) -> anyhow::Result<()> {
 /// Images under `dir` (sorted, recursively); an image in `dir/<class>/` is labelled with
 /// `<class>`: a name from `classes` or a class index.
 fn load_images(dir: &Path, pre: &Preprocess, limit: usize, classes: &[String]) -> anyhow::Result<Dataset> {
-    let mut files = Vec::new();
-    image_files(dir, &mut files)?;
-    files.sort();
-    files.truncate(limit);
+    let mut all = Vec::new();
+    image_files(dir, &mut all)?;
+    all.sort();
+    let files: Vec<PathBuf> = spread(all.len(), limit).into_iter().map(|i| all[i].clone()).collect();
     ensure!(!files.is_empty(), "no .jpg/.jpeg/.png images under {}", dir.display());
     let mut data = Dataset { item_shape: pre.item_shape().to_vec(), items: Vec::new(), labels: Vec::new() };
     for file in files {
@@ -186,6 +199,10 @@ pub fn quantise(
     progress: &ProgressBar,
 ) -> anyhow::Result<Int8Summary> {
     ensure!(graph.inputs.len() == 1, "INT8 calibration from images needs a model with one input");
+    ensure!(
+        Int8Plan::from_graph(graph).nodes.is_empty(),
+        "the model is already quantised (Q/DQ): build it with --precision fp16 or fp32, which keep its scales"
+    );
     let cache = match o.cache.filter(|p| p.is_file()) {
         Some(path) => {
             progress.set_message(format!("calibration cache {}", path.display()));
@@ -203,6 +220,7 @@ pub fn quantise(
                 progress.set_position(i as u64 + 1);
             }
             let cache = cal.finish(graph);
+            ensure!(cache.samples > 0, "{}: no calibration samples", o.calib.display());
             if let Some(path) = o.cache {
                 cache.save(path)?;
             }
@@ -210,6 +228,13 @@ pub fn quantise(
         }
     };
     let thresholds = cache.thresholds(o.method);
+    let uncalibrated: Vec<&str> = candidates(graph)
+        .into_iter()
+        .filter_map(|i| graph.nodes[i].input(0))
+        .map(|v| graph.values[v].name.as_str())
+        .filter(|name| !thresholds.contains_key(*name))
+        .collect();
+    ensure!(uncalibrated.is_empty(), "the calibration cache has no histogram for {}", uncalibrated.join(", "));
     let (plan, report) = match o.accuracy {
         Some(src) => {
             let set = data.load(src, o.accuracy_limit)?;

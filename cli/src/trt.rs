@@ -124,6 +124,10 @@ pub fn warm(args: &BuildArgs) -> anyhow::Result<()> {
         ("--report", args.report.is_some()),
         ("--uint8-mean/--uint8-std", args.uint8_mean.is_some()),
         ("--timing-cache", args.timing_cache.is_some()),
+        ("--calib", args.calib.is_some()),
+        ("--calib-cache", args.calib_cache.is_some()),
+        ("--accuracy-data", args.accuracy_data.is_some()),
+        ("--export-qdq", args.export_qdq.is_some()),
     ];
     if let Some((flag, _)) = kiln_only.iter().find(|(_, set)| *set) {
         bail!("{flag} applies to kiln plans, not to --backend tensorrt");

@@ -185,7 +185,7 @@ fn int8_build_of_efficientnet_lite0_calibrates_gates_and_reports() -> anyhow::Re
     let json: serde_json::Value = serde_json::from_slice(&std::fs::read(&report)?)?;
     let int8 = &json["int8"];
     let layers = int8["int8_layers"].as_array().context("int8_layers")?.len();
-    ensure!(layers > 0 && int8["candidates"] == 50, "{int8}");
+    ensure!(layers == 50 && int8["candidates"] == 50, "every layer stays INT8 on the sample photos: {int8}");
     ensure!(int8["gate"]["kept_fp16"].is_array() && int8["gate"]["agreement"] == 100.0, "{int8}");
     ensure!(int8["gate"]["fp32_accuracy"] == 100.0 && int8["gate"]["int8_accuracy"] == 100.0, "{int8}");
     // The Q/DQ export carries one activation pair per INT8 layer.

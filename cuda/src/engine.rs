@@ -134,22 +134,7 @@ fn spec_of(graph: &Graph, v: ValueId) -> TensorSpec {
 impl Engine {
     /// Loads `plan` onto the GPU of `opts.device`.
     pub fn load(plan: Plan, opts: &EngineOptions) -> Result<Arc<Engine>, CudaError> {
-        // INT8 nodes must run in INT8 or not at all: computing them in FP16 here would
-        // serve numbers the build's accuracy gate never saw.
-        let int8: Vec<kiln_engine::graph::NodeIssue> = plan
-            .graph
-            .nodes
-            .iter()
-            .filter(|n| n.attrs.get(kiln_engine::quant::INPUT_SCALE).is_some())
-            .map(|n| kiln_engine::graph::NodeIssue {
-                node: n.name.clone(),
-                op: n.op.clone(),
-                reason: "INT8 kernels are not in the CUDA engine yet".into(),
-            })
-            .collect();
-        if !int8.is_empty() {
-            return Err(CudaError::Unsupported(int8));
-        }
+        crate::lower::refuse_int8(&plan.graph)?;
         let device = Device::open(opts.device)?;
         device.gpu().ctx.bind_to_thread().map_err(CudaError::driver("bind context"))?;
         let mut symbols: Vec<(String, usize)> =

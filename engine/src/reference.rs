@@ -87,8 +87,12 @@ pub fn run_with(
         let issue = |reason: String| NodeIssue { node: node.name.clone(), op: node.op.clone(), reason };
         let op = reg.get(&node.op).ok_or_else(|| GraphError::Execution(issue("no such op in kiln".into())))?;
         let fp16 = opts.emulate_fp16 && node.precision == Precision::F16;
+        let quant = int8.and_then(|p| p.nodes.get(&node.name));
         let mut held: Vec<Option<Arc<Tensor>>> = Vec::with_capacity(node.inputs.len());
-        for v in &node.inputs {
+        for (j, v) in node.inputs.iter().enumerate() {
+            // An INT8 layer reads FP16 activations (input and residual) but keeps its FP32
+            // weights and bias: the GPU quantises those itself.
+            let round = fp16 && (quant.is_none() || j == 0 || j == 3);
             let t = match v {
                 None => None,
                 Some(v) => {
@@ -98,13 +102,13 @@ pub fn run_with(
                             GraphError::Execution(issue(format!("input {} was never computed", graph.values[*v].name)))
                         })?),
                     };
-                    Some(if fp16 { Arc::new(round_f16(&t)) } else { t })
+                    Some(if round { Arc::new(round_f16(&t)) } else { t })
                 }
             };
             held.push(t);
         }
         let refs: Vec<Option<&Tensor>> = held.iter().map(|t| t.as_deref()).collect();
-        let outs = match int8.and_then(|p| p.nodes.get(&node.name)) {
+        let outs = match quant {
             Some(q) => crate::quant::int8::eval(node, op, &refs, q).map(|t| vec![t]),
             None => op.eval(node, &refs),
         }

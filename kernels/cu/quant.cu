@@ -6,7 +6,8 @@
 //   rounding of the engine's reference (engine/src/quant/int8.rs), so the two agree bit for bit:
 //   y = (float)acc * alpha[k]; y = y + bias[k]; y = y + residual[i]; activation;
 //   then FP32, FP16 (round to nearest) or INT8 requantised with out_scale (the next INT8
-//   layer's input scale: fused requantisation). k = (i / inner) % channels.
+//   layer's input scale: fused requantisation; in an FP16 plan the value is first rounded
+//   to FP16, as the next layer would have read it). k = (i / inner) % channels.
 //   __fmul_rn / __fadd_rn keep the compiler from contracting into FMAs, which round once
 //   where the reference rounds twice.
 // Element codes: 0 FP32, 1 FP16, 5 INT8. Activations: 0 none, 1 relu, 2 clip(lo, hi).
@@ -33,7 +34,7 @@ extern "C" __global__ void kiln_quantize(const void* src, int src_elem, signed c
 extern "C" __global__ void kiln_requant(const int* acc, void* out, int out_elem, const float* alpha,
                                         const float* bias, const void* residual, int residual_elem, long long n,
                                         int channels, long long inner, int act, float lo, float hi,
-                                        float out_scale) {
+                                        float out_scale, int via_f16) {
     long long step = (long long)gridDim.x * blockDim.x;
     for (long long i = (long long)blockIdx.x * blockDim.x + threadIdx.x; i < n; i += step) {
         int k = (int)((i / inner) % channels);
@@ -54,6 +55,7 @@ extern "C" __global__ void kiln_requant(const int* acc, void* out, int out_elem,
         } else if (out_elem == 1) {
             ((f16*)out)[i] = from_f32<f16>(y);
         } else {
+            if (via_f16) y = to_f32(from_f32<f16>(y));
             ((signed char*)out)[i] = quantize_one(y, out_scale);
         }
     }

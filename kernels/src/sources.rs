@@ -101,7 +101,6 @@ pub const ATTENTION: KernelSource = KernelSource {
     ],
 };
 
-/// Every kernel kiln has (what the NVRTC/ptxas CI check compiles).
 /// Quantisation into INT8 and the requantising epilogue of INT8 layers.
 pub const QUANT: KernelSource = KernelSource {
     name: "quant",
@@ -109,5 +108,6 @@ pub const QUANT: KernelSource = KernelSource {
     functions: &["kiln_quantize", "kiln_requant"],
 };
 
+/// Every kernel kiln has (what the NVRTC/ptxas CI check compiles).
 pub const ALL: &[KernelSource] =
     &[PREPROCESS, CAST, COPY, ELEMENTWISE, POOL, SOFTMAX, LAYERNORM, GATHER, REDUCE, ATTENTION, QUANT];

@@ -57,9 +57,11 @@ pub enum Int8Act {
 pub enum Int8Out {
     F32,
     F16,
-    /// Requantised with the next layer's input scale.
+    /// Requantised with the next layer's input scale, after rounding to FP16 in an FP16
+    /// plan (`via_f16`), where the next layer would have read an FP16 value.
     I8 {
         scale: f32,
+        via_f16: bool,
     },
 }
 
@@ -86,11 +88,13 @@ impl RequantArgs {
         if self.channels == 0 || self.inner == 0 {
             return Err(invalid("requant needs at least one channel and inner = 1 or more"));
         }
-        let (out_code, out_scale) = match self.out_kind {
-            Int8Out::F32 => (Elem::F32.code(), 1.0),
-            Int8Out::F16 => (Elem::F16.code(), 1.0),
-            Int8Out::I8 { scale } if scale.is_finite() && scale > 0.0 => (I8_CODE, scale),
-            Int8Out::I8 { scale } => return Err(invalid(format!("requant output scale {scale} is not positive"))),
+        let (out_code, out_scale, via_f16) = match self.out_kind {
+            Int8Out::F32 => (Elem::F32.code(), 1.0, false),
+            Int8Out::F16 => (Elem::F16.code(), 1.0, false),
+            Int8Out::I8 { scale, via_f16 } if scale.is_finite() && scale > 0.0 => (I8_CODE, scale, via_f16),
+            Int8Out::I8 { scale, .. } => {
+                return Err(invalid(format!("requant output scale {scale} is not positive")));
+            }
         };
         let (residual, residual_code) = match self.residual {
             Some((p, e)) => {
@@ -122,6 +126,7 @@ impl RequantArgs {
             KArg::F32(lo),
             KArg::F32(hi),
             KArg::F32(out_scale),
+            KArg::I32(i32::from(via_f16)),
         ];
         Ok(Some(Launch { dims: Dims::linear(stride_blocks(self.n, THREADS), THREADS), args }))
     }
@@ -188,7 +193,10 @@ pub fn requant_reference(
             match out {
                 Int8Out::F32 => y,
                 Int8Out::F16 => half::f16::from_f32(y).to_f32(),
-                Int8Out::I8 { scale } => kiln_engine::quant::int8::quantize(y, scale) as f32,
+                Int8Out::I8 { scale, via_f16 } => {
+                    let y = if via_f16 { half::f16::from_f32(y).to_f32() } else { y };
+                    kiln_engine::quant::int8::quantize(y, scale) as f32
+                }
             }
         })
         .collect()
@@ -211,7 +219,7 @@ mod tests {
         let r = RequantArgs {
             acc: 256,
             out: 512,
-            out_kind: Int8Out::I8 { scale: 0.1 },
+            out_kind: Int8Out::I8 { scale: 0.1, via_f16: true },
             alpha: 1024,
             bias: None,
             residual: Some((2048, Elem::F16)),
@@ -221,8 +229,8 @@ mod tests {
             act: Int8Act::Clip { lo: 0.0, hi: 6.0 },
         };
         let l = r.plan()?.ok_or_else(|| invalid("expected a launch"))?;
-        assert_eq!(l.args.len(), 14);
-        assert!(RequantArgs { out_kind: Int8Out::I8 { scale: -1.0 }, ..r.clone() }.plan().is_err());
+        assert_eq!(l.args.len(), 15);
+        assert!(RequantArgs { out_kind: Int8Out::I8 { scale: -1.0, via_f16: false }, ..r.clone() }.plan().is_err());
         assert!(RequantArgs { residual: Some((2048, Elem::I64)), ..r.clone() }.plan().is_err());
         assert!(RequantArgs { channels: 0, ..r.clone() }.plan().is_err());
         assert!(RequantArgs { acc: 0, ..r }.plan().is_err());

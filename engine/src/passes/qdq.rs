@@ -22,7 +22,7 @@ fn symmetric_scale(graph: &Graph, node: usize) -> Option<f32> {
     let scale = graph.constant(n.input(1)?)?;
     let zero = graph.constant(n.input(2)?)?;
     let s = match scale.as_f32()? {
-        [s] => *s,
+        [s] if s.is_finite() && *s > 0.0 => *s,
         _ => return None,
     };
     match zero.data() {

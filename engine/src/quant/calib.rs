@@ -130,15 +130,15 @@ impl Histogram {
             q[..i].fill(0.0);
             for level in 0..LEVELS {
                 let (lo, hi) = (level * i / LEVELS, (level + 1) * i / LEVELS);
-                let bins = &self.counts[lo..hi];
-                let sum: u64 = bins.iter().sum();
-                let nonzero = bins.iter().filter(|&&c| c > 0).count();
+                let sum: u64 = self.counts[lo..hi].iter().sum();
+                // Spread over the bins where P has mass, the folded outlier bin included.
+                let nonzero = p[lo..hi].iter().filter(|&&c| c > 0.0).count();
                 if nonzero == 0 {
                     continue;
                 }
                 let share = sum as f64 / nonzero as f64;
-                for (dst, &c) in q[lo..hi].iter_mut().zip(bins) {
-                    if c > 0 {
+                for (dst, &c) in q[lo..hi].iter_mut().zip(&p[lo..hi]) {
+                    if c > 0.0 {
                         *dst = share;
                     }
                 }

@@ -4,7 +4,8 @@
 //! per-channel DequantizeLinear. Fused layers keep their ONNX node's name, which is how
 //! plan layers are found in the original model. Per-channel symmetric scales commute with
 //! the per-channel factor a folded BatchNorm applies, so quantising the original weights
-//! gives the same integers kiln quantises its folded weights to.
+//! gives the integers kiln quantises its folded weights to (but for rare ties that the
+//! fold's rounding moves).
 
 use kiln_onnx::proto::{ModelProto, NodeProto, TensorProto};
 use kiln_onnx::{DataType, attr_int, tensor_f32};
@@ -77,17 +78,27 @@ fn quantise_weights(w: &[f32], dims: &[usize], axis: usize) -> (Vec<i8>, Vec<f32
 
 /// `original` with Q/DQ on the inputs and weights of `plan`'s INT8 layers.
 pub fn qdq_model(original: &ModelProto, plan: &Int8Plan) -> Result<(ModelProto, QdqExport), GraphError> {
+    // Per-channel DequantizeLinear (its `axis`) needs opset 13; raising the opset would change
+    // other ops' semantics (Squeeze, Reduce*), so older models are refused.
+    let opset =
+        original.opset_import.iter().find(|o| o.domain.is_empty() || o.domain == "ai.onnx").map_or(0, |o| o.version);
+    if opset < 13 {
+        return Err(GraphError::Invalid(format!("Q/DQ export needs opset 13 or later; the model has opset {opset}")));
+    }
     let mut model = original.clone();
     let graph = model.graph.as_mut().ok_or_else(|| GraphError::Invalid("the model has no graph".into()))?;
     let mut report = QdqExport::default();
     let mut nodes = Vec::with_capacity(graph.node.len());
+    let mut replaced: Vec<String> = Vec::new();
     let old = std::mem::take(&mut graph.node);
-    for mut n in old {
-        let Some(q) = plan.nodes.get(&n.name) else {
+    for (index, mut n) in old.into_iter().enumerate() {
+        // The importer's name for an unnamed node.
+        let name = if n.name.is_empty() { format!("{}_{index}", n.op_type) } else { n.name.clone() };
+        let Some(q) = plan.nodes.get(&name) else {
             nodes.push(n);
             continue;
         };
-        let skip = |why: &str| (n.name.clone(), why.to_string());
+        let skip = |why: &str| (name.clone(), why.to_string());
         let weight_name = n.input.get(1).cloned().unwrap_or_default();
         let Some(wi) = graph.initializer.iter().position(|t| t.name == weight_name) else {
             report.skipped.push(skip("weights are not an initializer"));
@@ -102,7 +113,8 @@ pub fn qdq_model(original: &ModelProto, plan: &Int8Plan) -> Result<(ModelProto, 
             continue;
         };
         let (ints, scales) = quantise_weights(&values, &dims, axis);
-        let base = n.name.replace(['/', ':'], "_");
+        // The node's position keeps names unique where sanitising would merge them.
+        let base = format!("{}_{index}", name.replace(['/', ':'], "_"));
         let (x_scale, zero) = (format!("{base}_x_scale"), format!("{base}_zero"));
         let (wq, ws, wz) = (format!("{base}_w_int8"), format!("{base}_w_scale"), format!("{base}_w_zero"));
         let dims_i64: Vec<i64> = w.dims.clone();
@@ -128,15 +140,24 @@ pub fn qdq_model(original: &ModelProto, plan: &Int8Plan) -> Result<(ModelProto, 
             Some(axis as i64),
         ));
         n.input[0] = xdq;
-        n.input[1] = wdq;
-        report.quantized.push(n.name.clone());
+        replaced.push(std::mem::replace(&mut n.input[1], wdq));
+        report.quantized.push(name);
         nodes.push(n);
     }
     graph.node = nodes;
-    // Float weights no node reads any more (also from the inputs list older models keep).
+    let unmatched: Vec<String> = plan
+        .nodes
+        .keys()
+        .filter(|k| !report.quantized.contains(k) && !report.skipped.iter().any(|s| &s.0 == *k))
+        .cloned()
+        .collect();
+    report.skipped.extend(unmatched.into_iter().map(|name| (name, "no ONNX node of this name".into())));
+    // The float weights replaced above, where no node reads them any more (also from the
+    // inputs list older models keep).
     let used: std::collections::HashSet<String> = graph.node.iter().flat_map(|n| n.input.iter().cloned()).collect();
+    let outputs: std::collections::HashSet<String> = graph.output.iter().map(|o| o.name.clone()).collect();
     let removed: std::collections::HashSet<String> =
-        graph.initializer.iter().filter(|t| !used.contains(&t.name)).map(|t| t.name.clone()).collect();
+        replaced.into_iter().filter(|w| !used.contains(w) && !outputs.contains(w)).collect();
     graph.initializer.retain(|t| !removed.contains(&t.name));
     graph.input.retain(|v| !removed.contains(&v.name));
     Ok((model, report))

@@ -122,6 +122,9 @@ pub fn gate(
     if data.is_empty() {
         return Err(GraphError::Invalid("the accuracy gate needs labelled data".into()));
     }
+    if !(opts.max_drop.is_finite() && opts.max_drop >= 0.0) {
+        return Err(GraphError::Invalid(format!("the allowed drop {} must be a number ≥ 0", opts.max_drop)));
+    }
     let labels: Vec<usize> = data.batches.iter().flat_map(|(_, l)| l.iter().copied()).collect();
     let accuracy = |p: &[usize]| percent_equal(p, labels.iter().copied());
     progress("FP32 accuracy", 0, 2);
@@ -188,6 +191,15 @@ pub fn gate(
         if fp32 - report.int8_accuracy <= opts.max_drop {
             break;
         }
+    }
+    if fp32 - report.int8_accuracy > opts.max_drop {
+        // Even with no layer in INT8 the plan (FP16) loses more than allowed: say so rather
+        // than ship an "INT8" plan that is neither INT8 nor within the bound.
+        return Err(GraphError::Invalid(format!(
+            "the accuracy gate cannot meet a drop of {} points: with every layer kept out of INT8 the plan \
+             scores {:.2} % against FP32's {:.2} %",
+            opts.max_drop, report.int8_accuracy, fp32
+        )));
     }
     report.kept_fp16 = keep;
     report.int8_layers = plan.nodes.len();

@@ -88,6 +88,36 @@ fn weights_quantised(node: &Node, w: &Tensor, scales: &[f32]) -> Result<Tensor, 
     Tensor::new(w.shape().to_vec(), TensorData::F32(q)).map_err(|e| e.to_string())
 }
 
+/// A residual broadcast to the product's shape (kiln.Dense takes any broadcastable one);
+/// one that would enlarge the output is refused (such nodes are no INT8 candidates).
+fn expand_to(z: &Tensor, shape: &[usize]) -> Result<Vec<f32>, String> {
+    let data = z.as_f32().ok_or("residual is not FP32")?;
+    if z.shape() == shape {
+        return Ok(data.to_vec());
+    }
+    if crate::ops::util::broadcast_dims(z.shape(), shape)? != shape {
+        return Err(format!("residual {:?} does not broadcast to the output {shape:?}", z.shape()));
+    }
+    let strides = crate::ops::util::broadcast_strides(z.shape(), shape);
+    let n: usize = shape.iter().product();
+    let mut out = Vec::with_capacity(n);
+    for i in 0..n {
+        let (mut rem, mut at) = (i, 0);
+        for (axis, &d) in shape.iter().enumerate().rev() {
+            at += (rem % d.max(1)) * strides[axis];
+            rem /= d.max(1);
+        }
+        out.push(data[at]);
+    }
+    Ok(out)
+}
+
+/// Whether a kiln.FusedConv / kiln.Dense can run in INT8 here: FP32 constant weights and
+/// a reduction short enough to emulate exactly.
+pub(crate) fn supported(node: &Node, weights: &Tensor) -> bool {
+    weights.as_f32().is_some() && weight_layout(node, weights).is_ok_and(|(_, r)| r <= MAX_REDUCTION)
+}
+
 /// The node as a plain product: no bias, no residual, no activation.
 fn product_only(node: &Node) -> Node {
     let mut core = node.clone();
@@ -134,8 +164,7 @@ pub fn eval(node: &Node, op: &dyn OpDef, inputs: &[Option<&Tensor>], q: &NodeQua
         None => None,
     };
     let residual = match inputs.get(3).copied().flatten() {
-        Some(z) if z.shape() == shape.as_slice() => Some(z.as_f32().ok_or("residual is not FP32")?),
-        Some(z) => return Err(format!("residual {:?} does not have the output's shape {shape:?}", z.shape())),
+        Some(z) => Some(expand_to(z, &shape)?),
         None => None,
     };
     let mut y = Vec::with_capacity(av.len());
@@ -146,7 +175,7 @@ pub fn eval(node: &Node, op: &dyn OpDef, inputs: &[Option<&Tensor>], q: &NodeQua
         if let Some(b) = bias {
             v += b[k];
         }
-        if let Some(z) = residual {
+        if let Some(z) = &residual {
             v += z[i];
         }
         y.push(v);

@@ -31,7 +31,16 @@ pub fn candidates(graph: &Graph) -> Vec<usize> {
             let (Some(x), Some(w)) = (n.input(0), n.input(1)) else { return false };
             let (xv, wv) = (&graph.values[x], &graph.values[w]);
             let float = |v: &crate::graph::Value| v.ty.as_ref().is_some_and(|t| t.dtype == DType::F32);
-            xv.constant.is_none() && float(xv) && wv.constant.as_deref().is_some_and(|t| t.dtype() == DType::F32)
+            // A residual must not widen the output (the INT8 epilogue adds it per element).
+            let residual_fits =
+                match (n.input(3).and_then(|z| graph.shape(z)), n.outputs.first().and_then(|&y| graph.shape(y))) {
+                    (Some(z), Some(y)) => z.len() <= y.len(),
+                    _ => true,
+                };
+            xv.constant.is_none()
+                && float(xv)
+                && residual_fits
+                && wv.constant.as_deref().is_some_and(|t| t.dtype() == DType::F32 && int8::supported(n, t))
         })
         .map(|(i, _)| i)
         .collect()
@@ -45,13 +54,32 @@ pub struct CalibrationCache {
     pub version: u32,
     /// Graph name the histograms belong to.
     pub graph: String,
+    /// SHA-256 over the calibrated layers' names and weights: graph names such as
+    /// `main_graph` are shared by many models, weights are not.
+    pub fingerprint: String,
     /// Calibration samples (batches × items) seen.
     pub samples: usize,
     /// Histogram per activation (value name).
     pub histograms: BTreeMap<String, Histogram>,
 }
 
-const CACHE_VERSION: u32 = 1;
+const CACHE_VERSION: u32 = 2;
+
+/// What ties a calibration cache to one model (see [`CalibrationCache::fingerprint`]).
+pub fn fingerprint(graph: &Graph) -> String {
+    use sha2::{Digest, Sha256};
+    let mut h = Sha256::new();
+    for i in candidates(graph) {
+        let n = &graph.nodes[i];
+        h.update(n.name.as_bytes());
+        if let Some(w) = n.input(1).and_then(|w| graph.constant(w)).and_then(Tensor::as_f32) {
+            for v in w {
+                h.update(v.to_le_bytes());
+            }
+        }
+    }
+    h.finalize().iter().map(|b| format!("{b:02x}")).collect()
+}
 
 impl CalibrationCache {
     pub fn save(&self, path: &Path) -> Result<(), GraphError> {
@@ -67,8 +95,13 @@ impl CalibrationCache {
         if cache.version != CACHE_VERSION {
             return Err(bad(format!("format {} (this kiln reads {CACHE_VERSION})", cache.version)));
         }
-        if cache.graph != graph.name {
-            return Err(bad(format!("written for graph {:?}, not {:?}", cache.graph, graph.name)));
+        if cache.graph != graph.name || cache.fingerprint != fingerprint(graph) {
+            return Err(bad(format!("written for another model (graph {:?}) or other weights", cache.graph)));
+        }
+        for (name, h) in &cache.histograms {
+            if !(h.counts.is_empty() || h.counts.len() == calib::BINS) || !(h.width.is_finite() && h.width >= 0.0) {
+                return Err(bad(format!("histogram of {name} is malformed")));
+            }
         }
         Ok(cache)
     }
@@ -94,7 +127,12 @@ impl Calibrator {
             .filter_map(|i| graph.nodes[i].input(0))
             .map(|v| (v, Histogram::default()))
             .collect();
-        let cache = CalibrationCache { version: CACHE_VERSION, graph: graph.name.clone(), ..Default::default() };
+        let cache = CalibrationCache {
+            version: CACHE_VERSION,
+            graph: graph.name.clone(),
+            fingerprint: fingerprint(graph),
+            ..Default::default()
+        };
         Self { targets, cache }
     }
 
@@ -139,16 +177,19 @@ impl Int8Plan {
         let mut nodes = HashMap::new();
         for i in candidates(graph) {
             let node = &graph.nodes[i];
+            // Plans name their layers; two nodes of one name would share one quantisation.
+            if graph.nodes.iter().filter(|n| n.name == node.name).count() > 1 {
+                return Err(GraphError::Invalid(format!(
+                    "two nodes are called {:?}: INT8 layers need unique names",
+                    node.name
+                )));
+            }
             if keep.contains(&node.name) {
                 continue;
             }
             let (Some(x), Some(w)) = (node.input(0), node.input(1)) else { continue };
             let Some(&amax) = thresholds.get(&graph.values[x].name) else { continue };
             let Some(weights) = graph.values[w].constant.as_deref() else { continue };
-            match int8::weight_layout(node, weights) {
-                Ok((_, reduction)) if reduction <= int8::MAX_REDUCTION => {}
-                _ => continue,
-            }
             let weight_scales = int8::weight_scales(node, weights)
                 .map_err(|reason| GraphError::Invalid(format!("{}: {reason}", node.name)))?;
             nodes.insert(node.name.clone(), NodeQuant { input_scale: int8::scale_for(amax), weight_scales });

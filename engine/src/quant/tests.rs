@@ -94,7 +94,7 @@ fn int8_convolution_is_exact_integer_arithmetic() -> TestResult {
 }
 
 #[test]
-fn int8_dense_is_exact_and_nhwc_matches_nchw() -> TestResult {
+fn int8_dense_is_exact_integer_arithmetic() -> TestResult {
     let (rows, k, cols) = (5, 300, 7);
     let a = random(&[rows, k], 4, 3.0);
     let w = random(&[k, cols], 5, 0.5);
@@ -115,6 +115,53 @@ fn int8_dense_is_exact_and_nhwc_matches_nchw() -> TestResult {
             let want = acc as f32 * (q.input_scale * q.weight_scales[j]);
             assert_eq!(y.as_f32().ok_or("y")?[r * cols + j].to_bits(), want.to_bits(), "row {r} col {j}");
         }
+    }
+    Ok(())
+}
+
+/// NCHW → NHWC for a rank-4 tensor.
+fn to_nhwc(t: &Tensor) -> Tensor {
+    let [n, c, h, w] = [t.shape()[0], t.shape()[1], t.shape()[2], t.shape()[3]];
+    let x = t.as_f32().expect("f32");
+    let mut out = vec![0f32; x.len()];
+    for (i, &v) in x.iter().enumerate() {
+        let (b, ch, y, xx) = (i / (c * h * w), (i / (h * w)) % c, (i / w) % h, i % w);
+        out[((b * h + y) * w + xx) * c + ch] = v;
+    }
+    tensor(&[n, h, w, c], out)
+}
+
+#[test]
+fn int8_depthwise_and_grouped_convolutions_agree_across_layouts() -> TestResult {
+    let op = registry().get("kiln.FusedConv").ok_or("no FusedConv")?;
+    // Depthwise (group = channels) and grouped (2 groups), stride 2, clip activation.
+    for (c, m, group) in [(16usize, 16usize, 16i64), (8, 12, 2)] {
+        let x = random(&[2, c, 9, 7], 40, 0.5);
+        let w = random(&[m, c / group as usize, 3, 3], 41, 1.0);
+        let bias = random(&[m], 42, 1.0);
+        let attrs = |layout: &str| {
+            crate::graph::Node::new("dw", "kiln.FusedConv", vec![Some(0), Some(1), Some(2)], vec![3])
+                .with_attr("pads", Attr::Ints(vec![1, 1, 1, 1]))
+                .with_attr("strides", Attr::Ints(vec![2, 2]))
+                .with_attr("group", Attr::Int(group))
+                .with_attr("layout", Attr::String(layout.into()))
+                .with_attr("activation", Attr::String("clip".into()))
+                .with_attr("clip_min", Attr::Float(0.0))
+                .with_attr("clip_max", Attr::Float(6.0))
+        };
+        let (nchw, nhwc) = (attrs("NCHW"), attrs("NHWC"));
+        let q = NodeQuant { input_scale: 0.5 / 127.0, weight_scales: weight_scales(&nchw, &w)? };
+        let a = eval(&nchw, op, &[Some(&x), Some(&w), Some(&bias)], &q)?;
+        let b = eval(&nhwc, op, &[Some(&to_nhwc(&x)), Some(&to_nhwc(&w)), Some(&bias)], &q)?;
+        let (a, b) = (to_nhwc(&a), b);
+        let same = a.as_f32().ok_or("a")?.iter().zip(b.as_f32().ok_or("b")?).all(|(p, q)| p.to_bits() == q.to_bits());
+        assert!(same, "group {group}: NHWC INT8 differs from NCHW INT8");
+        // And both are INT8, close to (but not) the FP32 convolution.
+        let f = op.eval(&nchw, &[Some(&x), Some(&w), Some(&bias)])?;
+        let f = to_nhwc(&f[0]);
+        let gap =
+            a.as_f32().ok_or("a")?.iter().zip(f.as_f32().ok_or("f")?).fold(0f32, |m, (p, q)| m.max((p - q).abs()));
+        assert!(gap > 0.0 && gap < 0.5, "group {group}: INT8 vs FP32 gap {gap}");
     }
     Ok(())
 }

@@ -56,7 +56,8 @@ fn requant_matches_the_engine_epilogue() -> TestResult {
         let cases = [
             (Int8Out::F32, Int8Act::None, false),
             (Int8Out::F16, Int8Act::Relu, true),
-            (Int8Out::I8 { scale: 0.05 }, Int8Act::Clip { lo: 0.0, hi: 6.0 }, true),
+            (Int8Out::I8 { scale: 0.05, via_f16: false }, Int8Act::Clip { lo: 0.0, hi: 6.0 }, true),
+            (Int8Out::I8 { scale: 0.05, via_f16: true }, Int8Act::Relu, false),
         ];
         for (out_kind, act, with_residual) in cases {
             let out_elem = match out_kind {

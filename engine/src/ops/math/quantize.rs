@@ -72,8 +72,13 @@ fn check_io(node: &Node, name: &str) -> Result<(), String> {
     if node.input(0).is_none() || node.input(1).is_none() || node.inputs.len() > 3 || node.outputs.len() != 1 {
         return Err(format!("{name} takes an input, a scale and an optional zero point, and has one output"));
     }
-    if node.attrs.int("saturate", 1)? != 1 {
-        return Err("saturate = 0 applies to FP8 only".into());
+    // `saturate` concerns FP8 only; INT8 and UINT8 always saturate.
+    node.attrs.int("saturate", 1)?;
+    if node.attrs.int("block_size", 0)? != 0 {
+        return Err("blocked quantisation (block_size) is not supported".into());
+    }
+    if node.attrs.get("output_dtype").is_some() {
+        return Err("output_dtype is not supported: give the quantised type by the zero point".into());
     }
     node.attrs.int("axis", 1)?;
     Ok(())

@@ -73,7 +73,7 @@ impl Activation {
 fn map(data: &mut [f32], f: impl Fn(f32) -> f32 + Sync) {
     use rayon::prelude::*;
     data.par_chunks_mut(1 << 14).for_each(|chunk| {
-        // An index loop: this crate is unoptimised in tests, where iterator
+        // An index loop: at the low optimisation level of test builds iterator
         // adapters cost a call per element.
         let mut i = 0;
         while i < chunk.len() {
