@@ -238,6 +238,18 @@ pub fn tensor_f32(name: &str, dims: &[i64], data: &[f32]) -> Result<TensorProto,
     })
 }
 
+/// An INT8 tensor with `raw_data` (quantised weights, zero points); `dims` empty means a scalar.
+pub fn tensor_i8(name: &str, dims: &[i64], data: &[i8]) -> Result<TensorProto, OnnxError> {
+    check_len(name, dims, data.len())?;
+    Ok(TensorProto {
+        name: name.to_string(),
+        dims: dims.to_vec(),
+        data_type: DataType::Int8 as i32,
+        raw_data: data.iter().map(|&v| v as u8).collect(),
+        ..TensorProto::default()
+    })
+}
+
 /// An INT64 tensor with `raw_data`; `dims` empty means a scalar.
 pub fn tensor_i64(name: &str, dims: &[i64], data: &[i64]) -> Result<TensorProto, OnnxError> {
     check_len(name, dims, data.len())?;

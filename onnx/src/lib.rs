@@ -12,7 +12,7 @@ use prost::Message;
 
 pub use builder::{
     DEFAULT_OPSET, Dim, GraphBuilder, IR_VERSION, attr_float, attr_floats, attr_int, attr_ints, attr_string,
-    attr_tensor, tensor_f32, tensor_i64, value_info,
+    attr_tensor, tensor_f32, tensor_i8, tensor_i64, value_info,
 };
 pub use error::OnnxError;
 pub use proto::attribute_proto::AttributeType;

@@ -13,24 +13,13 @@ use kiln_engine::quant::{INPUT_SCALE, Int8Plan};
 use kiln_engine::reference::{RunOptions, run};
 use kiln_engine::verify::run_ort;
 use kiln_engine::{OrtRuntime, Tensor, TensorData, import};
-use kiln_onnx::proto::TensorProto;
-use kiln_onnx::{DataType, Dim, GraphBuilder, attr_int, attr_ints, tensor_f32};
+use kiln_onnx::{DataType, Dim, GraphBuilder, attr_int, attr_ints, tensor_f32, tensor_i8};
 use kiln_tests::{TempDir, ort_library};
 
 const S_IN: f32 = 0.05;
 const S_OUT: f32 = 0.1;
 const C: usize = 4;
 const M: usize = 8;
-
-fn int8_tensor(name: &str, dims: &[i64], data: &[i8]) -> TensorProto {
-    TensorProto {
-        name: name.into(),
-        dims: dims.to_vec(),
-        data_type: DataType::Int8 as i32,
-        raw_data: data.iter().map(|&v| v as u8).collect(),
-        ..TensorProto::default()
-    }
-}
 
 /// x → Q/DQ(S_IN) → Conv(DQ(int8 w, per-channel), bias, pads 1) → Relu → Q/DQ(S_OUT) → y.
 fn qdq_model() -> anyhow::Result<kiln_onnx::ModelProto> {
@@ -39,7 +28,7 @@ fn qdq_model() -> anyhow::Result<kiln_onnx::ModelProto> {
     b.add_input("x", DataType::Float, &dims)?;
     let s_in = b.add_initializer(tensor_f32("s_in", &[], &[S_IN])?)?;
     let s_out = b.add_initializer(tensor_f32("s_out", &[], &[S_OUT])?)?;
-    let zero = b.add_initializer(int8_tensor("zero", &[], &[0]))?;
+    let zero = b.add_initializer(tensor_i8("zero", &[], &[0])?)?;
     // Weights in [-127, 127] with every output channel reaching ±127 (symmetric max scales).
     let mut state = 7u32;
     let mut weights: Vec<i8> = (0..M * C * 9)
@@ -52,10 +41,10 @@ fn qdq_model() -> anyhow::Result<kiln_onnx::ModelProto> {
     for k in 0..M {
         weights[k * C * 9] = if k % 2 == 0 { 127 } else { -127 };
     }
-    let wq = b.add_initializer(int8_tensor("w_q", &[M as i64, C as i64, 3, 3], &weights))?;
+    let wq = b.add_initializer(tensor_i8("w_q", &[M as i64, C as i64, 3, 3], &weights)?)?;
     let scales: Vec<f32> = (0..M).map(|k| 0.002 + 0.001 * k as f32).collect();
     let ws = b.add_initializer(tensor_f32("w_scale", &[M as i64], &scales)?)?;
-    let wz = b.add_initializer(int8_tensor("w_zero", &[M as i64], &[0; M]))?;
+    let wz = b.add_initializer(tensor_i8("w_zero", &[M as i64], &[0; M])?)?;
     let bias: Vec<f32> = (0..M).map(|k| 0.1 * k as f32 - 0.3).collect();
     let bias = b.add_initializer(tensor_f32("bias", &[M as i64], &bias)?)?;
     let q = b.add_node("QuantizeLinear", &["x", &s_in, &zero], vec![])?;

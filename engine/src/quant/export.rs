@@ -7,8 +7,8 @@
 //! gives the integers kiln quantises its folded weights to (but for rare ties that the
 //! fold's rounding moves).
 
-use kiln_onnx::proto::{ModelProto, NodeProto, TensorProto};
-use kiln_onnx::{DataType, attr_int, tensor_f32};
+use kiln_onnx::proto::{ModelProto, NodeProto};
+use kiln_onnx::{attr_int, tensor_f32, tensor_i8};
 use serde::Serialize;
 
 use super::Int8Plan;
@@ -21,16 +21,6 @@ pub struct QdqExport {
     pub quantized: Vec<String>,
     /// INT8 layers left in float, with why.
     pub skipped: Vec<(String, String)>,
-}
-
-fn int8_tensor(name: &str, dims: &[i64], data: &[i8]) -> TensorProto {
-    TensorProto {
-        name: name.into(),
-        dims: dims.to_vec(),
-        data_type: DataType::Int8 as i32,
-        raw_data: data.iter().map(|&v| v as u8).collect(),
-        ..TensorProto::default()
-    }
 }
 
 fn node(name: String, op: &str, inputs: &[&str], output: &str, axis: Option<i64>) -> NodeProto {
@@ -120,10 +110,10 @@ pub fn qdq_model(original: &ModelProto, plan: &Int8Plan) -> Result<(ModelProto, 
         let dims_i64: Vec<i64> = w.dims.clone();
         let inits = [
             tensor_f32(&x_scale, &[], &[q.input_scale]),
-            Ok(int8_tensor(&zero, &[], &[0])),
-            Ok(int8_tensor(&wq, &dims_i64, &ints)),
+            tensor_i8(&zero, &[], &[0]),
+            tensor_i8(&wq, &dims_i64, &ints),
             tensor_f32(&ws, &[scales.len() as i64], &scales),
-            Ok(int8_tensor(&wz, &[scales.len() as i64], &vec![0; scales.len()])),
+            tensor_i8(&wz, &[scales.len() as i64], &vec![0; scales.len()]),
         ];
         for t in inits {
             graph.initializer.push(t.map_err(|e| GraphError::Invalid(e.to_string()))?);
