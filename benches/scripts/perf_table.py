@@ -3,7 +3,8 @@
 
 Usage: perf_table.py FILE.json... [--out table.md]
 
-Each file is recognised by its "tool" field; unreadable or missing files are noted and skipped.
+Each file is recognised by its "tool" field (a `kiln perf` file over several plans is an array of
+such documents); unreadable or missing files are noted and skipped.
 kiln results are keyed by the plan's file stem (resnet50.plan → resnet50), so name plans like the
 torch models (resnet50, bert-base, minilm-l6). Missing entries show as "–"; failed ones as "failed".
 
@@ -30,13 +31,15 @@ def load(paths):
         except (OSError, ValueError) as e:
             notes.append(f"skipped {p}: {e}")
             continue
-        tool = doc.get("tool")
-        if tool == "kiln perf":
-            kiln.append(doc)
-        elif tool == "torch_baseline":
-            torch.append(doc)
-        else:
-            notes.append(f"skipped {p}: unknown tool {tool!r}")
+        # `kiln perf` over several plans writes an array of documents, one per plan.
+        for d in doc if isinstance(doc, list) else [doc]:
+            tool = d.get("tool") if isinstance(d, dict) else None
+            if tool == "kiln perf":
+                kiln.append(d)
+            elif tool == "torch_baseline":
+                torch.append(d)
+            else:
+                notes.append(f"skipped {p}: unknown tool {tool!r}")
     return kiln, torch, notes
 
 

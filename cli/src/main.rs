@@ -1,6 +1,7 @@
 mod build;
 mod int8;
 mod perf;
+mod perf_table;
 mod trt;
 
 use std::io::Write;

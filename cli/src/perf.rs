@@ -1,21 +1,24 @@
-//! `kiln perf` (trtexec's run half): loads a plan on the CUDA engine once and,
+//! `kiln perf` (trtexec's run half): loads each plan on the CUDA engine once and,
 //! per batch size, drives one execution context per stream thread in a closed
 //! loop for a fixed time, reporting throughput, latency percentiles and the
-//! H2D / compute / D2H split measured with CUDA events.
+//! H2D / compute / D2H split measured with CUDA events. `--table` then writes one
+//! markdown row per plan (see `perf_table.rs`).
+
+mod measure;
 
 use std::io::IsTerminal;
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::time::{Duration, Instant};
+use std::time::Instant;
 
 use anyhow::{Context, anyhow, bail};
 use clap::{Args, ValueEnum};
-use hdrhistogram::Histogram;
-use indicatif::{ProgressBar, ProgressStyle};
 use kiln_cuda::CudaError;
-use kiln_cuda::engine::{Engine, EngineOptions, ExecutionContext, StageTimes, TacticMode};
+use kiln_cuda::engine::{Engine, EngineOptions, TacticMode};
 use kiln_engine::{DType, Dim, ModelMetadata, Tensor, TensorData, TensorSpec, f16};
 use serde_json::{Value, json};
+
+use self::measure::{measure_batch, print_header, print_row};
+use crate::perf_table::{self, BatchPoint, PlanRow};
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
 pub enum OnOff {
@@ -33,8 +36,9 @@ pub enum TacticsArg {
 
 #[derive(Args, Debug)]
 pub struct PerfArgs {
-    /// The plan to run (from `kiln build`).
-    plan: PathBuf,
+    /// The plans to run (from `kiln build`), measured one after another.
+    #[arg(required = true)]
+    plans: Vec<PathBuf>,
     /// Batch sizes to measure, one after another: repeat the flag or give a list (1,8,64,256).
     #[arg(long, value_delimiter = ',', value_parser = positive, default_value = "1")]
     batch: Vec<usize>,
@@ -62,9 +66,19 @@ pub struct PerfArgs {
     /// How GEMM and convolution algorithms are chosen when the plan and cache have none.
     #[arg(long, value_enum, default_value = "time")]
     tactics: TacticsArg,
-    /// Also write the results as JSON here.
+    /// Also write the results as JSON here (one plan: one document; several: an array of
+    /// them, one per plan).
     #[arg(long)]
     json: Option<PathBuf>,
+    /// After measuring, write a markdown table (per plan: precision, batch-1 latency, best
+    /// throughput, plan size; the GPU) into this file between the markers
+    /// `<!-- kiln perf --table begin -->` and `<!-- kiln perf --table end -->`, appending a
+    /// section with them when it has none, and print it.
+    #[arg(long)]
+    table: Option<PathBuf>,
+    /// With --table: PyTorch rows for the same models from `torch_baseline.py --json`.
+    #[arg(long, requires = "table")]
+    torch_json: Option<PathBuf>,
     /// Hide the progress bars.
     #[arg(long)]
     no_progress: bool,
@@ -91,78 +105,34 @@ fn seconds(s: &str) -> Result<f64, String> {
     }
 }
 
-/// What one stream thread measured.
-struct StreamStats {
-    latency_us: Histogram<u64>,
-    stages: StageTimes,
-    runs: u64,
-    first_start: Option<Instant>,
-    last_end: Option<Instant>,
-}
-
-/// One batch size's merged result.
-struct BatchResult {
-    batch: usize,
-    runs: u64,
-    elapsed_s: f64,
-    prepare_s: f64,
-    latency_us: Histogram<u64>,
-    stages: StageTimes,
-}
-
-impl BatchResult {
-    fn samples_per_s(&self) -> f64 {
-        self.batches_per_s() * self.batch as f64
-    }
-
-    fn batches_per_s(&self) -> f64 {
-        if self.elapsed_s > 0.0 { self.runs as f64 / self.elapsed_s } else { 0.0 }
-    }
-
-    fn ms(&self, q: f64) -> f64 {
-        self.latency_us.value_at_quantile(q) as f64 / 1e3
-    }
-
-    fn stage_mean(&self, pick: fn(&StageTimes) -> f64) -> f64 {
-        if self.runs == 0 { 0.0 } else { pick(&self.stages) / self.runs as f64 }
-    }
-
-    fn to_json(&self, seq: Option<usize>) -> Value {
-        json!({
-            "batch": self.batch,
-            "seq": seq,
-            "runs": self.runs,
-            "elapsed_s": self.elapsed_s,
-            "prepare_s": self.prepare_s,
-            "samples_per_s": self.samples_per_s(),
-            "batches_per_s": self.batches_per_s(),
-            "latency_ms": {
-                "mean": self.latency_us.mean() / 1e3,
-                "min": self.latency_us.min() as f64 / 1e3,
-                "p50": self.ms(0.50),
-                "p90": self.ms(0.90),
-                "p99": self.ms(0.99),
-                "max": self.latency_us.max() as f64 / 1e3,
-            },
-            "h2d_ms": self.stage_mean(|s| s.h2d_ms),
-            "compute_ms": self.stage_mean(|s| s.compute_ms),
-            "d2h_ms": self.stage_mean(|s| s.d2h_ms),
-        })
-    }
-}
-
-fn histogram() -> anyhow::Result<Histogram<u64>> {
-    // 1 µs to 10 min at 3 significant digits.
-    Histogram::new_with_bounds(1, 600_000_000, 3).context("latency histogram")
-}
-
 /// Errors come out as one line (`{:#}` joins the causes): scripts grep them
 /// and a missing GPU is an expected outcome, not a crash report.
 pub fn perf(args: &PerfArgs) -> anyhow::Result<()> {
     run(args).map_err(|e| anyhow!("kiln perf: {e:#}"))
 }
 
+/// What one plan gave: its JSON document and, for the table, its row.
+struct PlanRun {
+    path: PathBuf,
+    doc: Value,
+    row: PlanRow,
+    device: Option<String>,
+    /// The plan could not be loaded or run at all.
+    error: Option<anyhow::Error>,
+}
+
 fn run(args: &PerfArgs) -> anyhow::Result<()> {
+    // What the table needs is read before measuring: a bad file should not cost a benchmark run.
+    let torch = match &args.torch_json {
+        Some(p) => {
+            let text = std::fs::read_to_string(p).with_context(|| format!("cannot read {}", p.display()))?;
+            Some(perf_table::parse_torch(&text, &p.display().to_string())?)
+        }
+        None => None,
+    };
+    if let Some(path) = &args.table {
+        perf_table::check_markers(&read_table_file(path)?).with_context(|| format!("--table {}", path.display()))?;
+    }
     let opts = EngineOptions {
         device: args.device,
         cuda_graphs: args.cuda_graph == OnOff::On,
@@ -175,10 +145,157 @@ fn run(args: &PerfArgs) -> anyhow::Result<()> {
         // kiln perf measures exactly the batch sizes asked for.
         batch_buckets: false,
     };
+    let mut runs = Vec::new();
+    for (i, path) in args.plans.iter().enumerate() {
+        if i > 0 {
+            println!();
+        }
+        let run = run_plan(path, args, &opts);
+        if let Some(e) = &run.error
+            && args.plans.len() > 1
+        {
+            let precision =
+                if run.row.precision.is_empty() { String::new() } else { format!(" ({})", run.row.precision) };
+            println!("kiln perf: {}{precision}: failed: {e:#}", path.display());
+        }
+        runs.push(run);
+    }
+    // Nothing ran (no GPU, unreadable plans): an error, and no JSON or table of failures.
+    if runs.iter().all(|r| r.error.is_some()) {
+        let mut errors = runs.into_iter().filter_map(|r| r.error.map(|e| (r.path, e)));
+        if args.plans.len() == 1
+            && let Some((_, e)) = errors.next()
+        {
+            return Err(e);
+        }
+        let all: Vec<String> = errors.map(|(p, e)| format!("{}: {e:#}", p.display())).collect();
+        bail!("no plan could be measured: {}", all.join("; "));
+    }
+    if let Some(path) = &args.json {
+        let doc = match runs.as_slice() {
+            [one] => one.doc.clone(),
+            many => Value::Array(many.iter().map(|r| r.doc.clone()).collect()),
+        };
+        let text = serde_json::to_string_pretty(&doc)?;
+        std::fs::write(path, text).with_context(|| format!("cannot write {}", path.display()))?;
+    }
+    if let Some(path) = &args.table {
+        let mut gpus: Vec<String> = Vec::new();
+        for d in runs.iter().filter_map(|r| r.device.clone()) {
+            if !gpus.contains(&d) {
+                gpus.push(d);
+            }
+        }
+        let table = perf_table::Table {
+            gpus,
+            kiln_setup: setup_note(args, &opts),
+            plans: runs.iter().map(|r| r.row.clone()).collect(),
+            torch,
+        };
+        let text = perf_table::render(&table);
+        println!();
+        print!("{text}");
+        // Read again: the file may have been edited while the plans were measured.
+        let updated = perf_table::insert_table(&read_table_file(path)?, &text)
+            .with_context(|| format!("--table {}", path.display()))?;
+        perf_table::write_atomic(path, &updated)?;
+        println!("\ntable written to {}", path.display());
+    }
+    let batches = |r: &PlanRun| r.row.failed.iter().map(|(b, _)| *b).collect::<Vec<_>>();
+    if let [one] = runs.as_slice() {
+        // One plan: the message scripts already know.
+        if !one.row.failed.is_empty() {
+            bail!("batch size(s) {:?} failed", batches(one));
+        }
+        return Ok(());
+    }
+    let failed: Vec<String> = runs
+        .iter()
+        .filter_map(|r| match (&r.error, r.row.failed.is_empty()) {
+            (Some(_), _) => Some(format!("{} (not run)", r.path.display())),
+            (None, true) => None,
+            (None, false) => Some(format!("{} batch size(s) {:?}", r.path.display(), batches(r))),
+        })
+        .collect();
+    if !failed.is_empty() {
+        bail!("failed: {}", failed.join(", "));
+    }
+    Ok(())
+}
+
+/// The file `--table` writes into; one that does not exist yet is empty (it will be created).
+fn read_table_file(path: &Path) -> anyhow::Result<String> {
+    match std::fs::read_to_string(path) {
+        Ok(text) => Ok(text),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(String::new()),
+        Err(e) => Err(e).with_context(|| format!("cannot read {}", path.display())),
+    }
+}
+
+fn setup_note(args: &PerfArgs, opts: &EngineOptions) -> String {
+    let batches: Vec<String> = args.batch.iter().map(usize::to_string).collect();
+    format!(
+        "kiln {}, {} stream(s), CUDA graph {}, tactics {}, batch sizes {}, {:.1} s warm-up + {:.1} s measured per batch \
+         size",
+        env!("CARGO_PKG_VERSION"),
+        args.streams,
+        if opts.cuda_graphs { "on" } else { "off" },
+        if opts.tactics == TacticMode::Time { "time" } else { "heuristic" },
+        batches.join(", "),
+        args.warmup,
+        args.duration
+    )
+}
+
+/// Loads `path` (on the CPU first, for its precision and INT8 layers, then on the GPU) and
+/// measures every batch size. Never fails: a plan that cannot run comes back with `error`.
+fn run_plan(path: &Path, args: &PerfArgs, opts: &EngineOptions) -> PlanRun {
+    let mut run = PlanRun {
+        path: path.to_path_buf(),
+        doc: Value::Null,
+        row: PlanRow { model: model_name(path), ..PlanRow::default() },
+        device: None,
+        error: None,
+    };
+    run.row.plan_bytes = std::fs::metadata(path).ok().map(|m| m.len());
+    let mut doc = json!({
+        "tool": "kiln perf",
+        "kiln_version": env!("CARGO_PKG_VERSION"),
+        "plan": path.display().to_string(),
+        "model": run.row.model,
+        "plan_bytes": run.row.plan_bytes,
+        "results": [],
+    });
+    if let Err(e) = measure_plan(path, args, opts, &mut run, &mut doc) {
+        run.row.error = Some(format!("{e:#}"));
+        if let Some(map) = doc.as_object_mut() {
+            map.insert("error".into(), json!(format!("{e:#}")));
+        }
+        run.error = Some(e);
+    }
+    run.doc = doc;
+    run
+}
+
+fn measure_plan(
+    path: &Path,
+    args: &PerfArgs,
+    opts: &EngineOptions,
+    run: &mut PlanRun,
+    doc: &mut Value,
+) -> anyhow::Result<()> {
+    let cannot_load = || format!("cannot load {} on the CUDA engine", path.display());
     let loaded = Instant::now();
-    let engine = Engine::load_file(&args.plan, &opts)
-        .with_context(|| format!("cannot load {} on the CUDA engine", args.plan.display()))?;
+    let plan = kiln_engine::plan::load(path, &kiln_engine::plan::Expect::default()).with_context(cannot_load)?;
+    let int8_layers = kiln_engine::quant::Int8Plan::from_graph(&plan.graph).nodes.len();
+    run.row.precision = perf_table::precision_label(plan.settings.precision, int8_layers);
+    if let Some(map) = doc.as_object_mut() {
+        map.insert("precision".into(), json!(run.row.precision));
+        map.insert("int8_layers".into(), json!(int8_layers));
+    }
+    let engine = Engine::load(plan, opts).with_context(cannot_load)?;
     let load_s = loaded.elapsed().as_secs_f64();
+    run.device = Some(engine.device_name().to_owned());
     let max = engine.max_batch();
     if let Some(b) = args.batch.iter().find(|&&b| b > max) {
         bail!("--batch {b} exceeds the plan's largest batch {max} (rebuild with a larger --batch profile)");
@@ -190,8 +307,9 @@ fn run(args: &PerfArgs) -> anyhow::Result<()> {
     let show = !args.no_progress && std::io::stderr().is_terminal();
 
     println!(
-        "kiln perf: {} on {} ({}), {streams} stream(s), CUDA graph {}, tactics {}, loaded in {load_s:.2} s",
-        args.plan.display(),
+        "kiln perf: {} ({}) on {} ({}), {streams} stream(s), CUDA graph {}, tactics {}, loaded in {load_s:.2} s",
+        path.display(),
+        run.row.precision,
         engine.device_name(),
         engine.arch(),
         if opts.cuda_graphs { "on" } else { "off" },
@@ -201,7 +319,6 @@ fn run(args: &PerfArgs) -> anyhow::Result<()> {
     print_header();
 
     let mut rows = Vec::new();
-    let mut failures = Vec::new();
     for (i, &batch) in args.batch.iter().enumerate() {
         let outcome = make_inputs(engine.metadata(), batch, args.seq, 0x6b69_6c6e ^ i as u64)
             .and_then(|inputs| measure_batch(&mut contexts, &inputs, batch, args, show));
@@ -209,23 +326,25 @@ fn run(args: &PerfArgs) -> anyhow::Result<()> {
             Ok(r) => {
                 print_row(&r, seq);
                 rows.push(r.to_json(seq));
+                run.row.points.push(BatchPoint {
+                    batch,
+                    samples_per_s: r.samples_per_s(),
+                    p50_ms: r.ms(0.50),
+                    p99_ms: r.ms(0.99),
+                });
             }
             Err(e) => {
                 println!("{batch:>6}  failed: {e:#}");
                 rows.push(json!({ "batch": batch, "seq": seq, "error": format!("{e:#}") }));
-                failures.push(batch);
+                run.row.failed.push((batch, format!("{e:#}")));
             }
         }
     }
     if let Err(e) = engine.save_timing_cache() {
         eprintln!("warning: timing cache not saved: {e}");
     }
-    if let Some(path) = &args.json {
-        let doc = json!({
-            "tool": "kiln perf",
-            "kiln_version": env!("CARGO_PKG_VERSION"),
-            "plan": args.plan.display().to_string(),
-            "model": model_name(&args.plan),
+    if let Some(map) = doc.as_object_mut() {
+        let more = json!({
             "device": engine.device_name(),
             "arch": engine.arch(),
             "streams": streams,
@@ -237,11 +356,9 @@ fn run(args: &PerfArgs) -> anyhow::Result<()> {
             "max_batch": max,
             "results": rows,
         });
-        let text = serde_json::to_string_pretty(&doc)?;
-        std::fs::write(path, text).with_context(|| format!("cannot write {}", path.display()))?;
-    }
-    if !failures.is_empty() {
-        bail!("batch size(s) {failures:?} failed");
+        if let Value::Object(more) = more {
+            map.extend(more);
+        }
     }
     Ok(())
 }
@@ -300,185 +417,6 @@ fn rng_unit(rng: &mut fastrand::Rng) -> f32 {
     rng.f32() * 2.0 - 1.0
 }
 
-fn progress(batch: usize, total: Duration, show: bool) -> ProgressBar {
-    if !show {
-        return ProgressBar::hidden();
-    }
-    let bar = ProgressBar::new(total.as_millis() as u64);
-    let style = ProgressStyle::with_template("{spinner} batch {prefix:>4} [{bar:30}] {msg}")
-        .unwrap_or_else(|_| ProgressStyle::default_bar())
-        .progress_chars("=> ");
-    bar.set_style(style);
-    bar.set_prefix(batch.to_string());
-    bar
-}
-
-/// Prepares every context for `inputs` (tactics, CUDA graph capture: once, not
-/// timed), then runs all streams concurrently for warm-up plus the duration.
-fn measure_batch(
-    contexts: &mut [ExecutionContext],
-    inputs: &[Tensor],
-    batch: usize,
-    args: &PerfArgs,
-    show: bool,
-) -> anyhow::Result<BatchResult> {
-    let warmup = Duration::from_secs_f64(args.warmup);
-    let duration = Duration::from_secs_f64(args.duration);
-    let bar = progress(batch, warmup + duration, show);
-    bar.set_message("preparing (tactics, CUDA graph)");
-    bar.enable_steady_tick(Duration::from_millis(120));
-    let prepared = Instant::now();
-    for ctx in contexts.iter_mut() {
-        ctx.prepare(inputs)?;
-    }
-    let prepare_s = prepared.elapsed().as_secs_f64();
-
-    let stop = AtomicBool::new(false);
-    let measured = AtomicU64::new(0);
-    let start = Instant::now();
-    let (warm_end, end) = (start + warmup, start + warmup + duration);
-    let results = std::thread::scope(|s| {
-        let handles: Vec<_> = contexts
-            .iter_mut()
-            .map(|ctx| {
-                let (stop, measured) = (&stop, &measured);
-                s.spawn(move || {
-                    let r = stream_loop(ctx, inputs, warm_end, end, stop, measured);
-                    if r.is_err() {
-                        stop.store(true, Ordering::Relaxed);
-                    }
-                    r
-                })
-            })
-            .collect();
-        while !handles.iter().all(|h| h.is_finished()) {
-            let now = Instant::now();
-            bar.set_position(now.saturating_duration_since(start).as_millis() as u64);
-            if now < warm_end {
-                bar.set_message("warm-up");
-            } else {
-                bar.set_message(format!("{} batches", measured.load(Ordering::Relaxed)));
-            }
-            std::thread::sleep(Duration::from_millis(100));
-        }
-        handles
-            .into_iter()
-            .map(|h| h.join().map_err(|_| anyhow!("a stream thread panicked")).and_then(|r| r))
-            .collect::<Vec<_>>()
-    });
-    bar.finish_and_clear();
-    merge(results, batch, prepare_s)
-}
-
-fn merge(results: Vec<anyhow::Result<StreamStats>>, batch: usize, prepare_s: f64) -> anyhow::Result<BatchResult> {
-    let mut out = BatchResult {
-        batch,
-        runs: 0,
-        elapsed_s: 0.0,
-        prepare_s,
-        latency_us: histogram()?,
-        stages: StageTimes::default(),
-    };
-    let (mut first, mut last): (Option<Instant>, Option<Instant>) = (None, None);
-    for r in results {
-        let s = r?;
-        out.latency_us.add(&s.latency_us).context("merging latency histograms")?;
-        out.runs += s.runs;
-        out.stages.h2d_ms += s.stages.h2d_ms;
-        out.stages.compute_ms += s.stages.compute_ms;
-        out.stages.d2h_ms += s.stages.d2h_ms;
-        first = match (first, s.first_start) {
-            (Some(a), Some(b)) => Some(a.min(b)),
-            (a, b) => a.or(b),
-        };
-        last = match (last, s.last_end) {
-            (Some(a), Some(b)) => Some(a.max(b)),
-            (a, b) => a.or(b),
-        };
-    }
-    if let (Some(a), Some(b)) = (first, last) {
-        out.elapsed_s = b.saturating_duration_since(a).as_secs_f64();
-    }
-    Ok(out)
-}
-
-/// One stream's closed loop. Runs started before `warm_end` are warm-up; every
-/// stream measures at least one run, however long it takes.
-fn stream_loop(
-    ctx: &mut ExecutionContext,
-    inputs: &[Tensor],
-    warm_end: Instant,
-    end: Instant,
-    stop: &AtomicBool,
-    measured: &AtomicU64,
-) -> anyhow::Result<StreamStats> {
-    let mut stats = StreamStats {
-        latency_us: histogram()?,
-        stages: StageTimes::default(),
-        runs: 0,
-        first_start: None,
-        last_end: None,
-    };
-    while !stop.load(Ordering::Relaxed) {
-        let t0 = Instant::now();
-        if t0 >= end && stats.runs > 0 {
-            break;
-        }
-        let (_, times) = ctx.run_timed(inputs)?;
-        let t1 = Instant::now();
-        if t0 < warm_end {
-            continue;
-        }
-        stats.latency_us.saturating_record(t1.duration_since(t0).as_micros().max(1) as u64);
-        stats.stages.h2d_ms += times.h2d_ms;
-        stats.stages.compute_ms += times.compute_ms;
-        stats.stages.d2h_ms += times.d2h_ms;
-        stats.runs += 1;
-        stats.first_start.get_or_insert(t0);
-        stats.last_end = Some(t1);
-        measured.fetch_add(1, Ordering::Relaxed);
-    }
-    Ok(stats)
-}
-
-fn print_header() {
-    println!(
-        "{:>6} {:>5} {:>12} {:>10} {:>8} {:>8} {:>8} {:>8} {:>8} {:>8} {:>10} {:>8} {:>8}",
-        "batch",
-        "seq",
-        "samples/s",
-        "batches/s",
-        "mean ms",
-        "p50 ms",
-        "p90 ms",
-        "p99 ms",
-        "max ms",
-        "H2D ms",
-        "compute ms",
-        "D2H ms",
-        "runs"
-    );
-}
-
-fn print_row(r: &BatchResult, seq: Option<usize>) {
-    println!(
-        "{:>6} {:>5} {:>12.1} {:>10.1} {:>8.3} {:>8.3} {:>8.3} {:>8.3} {:>8.3} {:>8.3} {:>10.3} {:>8.3} {:>8}",
-        r.batch,
-        seq.map_or_else(|| "-".to_owned(), |s| s.to_string()),
-        r.samples_per_s(),
-        r.batches_per_s(),
-        r.latency_us.mean() / 1e3,
-        r.ms(0.50),
-        r.ms(0.90),
-        r.ms(0.99),
-        r.latency_us.max() as f64 / 1e3,
-        r.stage_mean(|s| s.h2d_ms),
-        r.stage_mean(|s| s.compute_ms),
-        r.stage_mean(|s| s.d2h_ms),
-        r.runs
-    );
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -509,33 +447,6 @@ mod tests {
         assert_eq!(t[3].shape(), &[3, 3, 4]);
         let TensorData::F16(x) = t[4].data() else { bail!("x not f16") };
         assert!(x.iter().all(|v| v.to_f32().abs() <= 1.0));
-        Ok(())
-    }
-
-    #[test]
-    fn merged_stats_add_up() -> anyhow::Result<()> {
-        let t = Instant::now();
-        let stream = |runs: u64, ms: f64, offset_ms: u64| -> anyhow::Result<StreamStats> {
-            let mut h = histogram()?;
-            for _ in 0..runs {
-                h.record(1000)?;
-            }
-            Ok(StreamStats {
-                latency_us: h,
-                stages: StageTimes { h2d_ms: ms, compute_ms: 2.0 * ms, d2h_ms: 0.0 },
-                runs,
-                first_start: Some(t + Duration::from_millis(offset_ms)),
-                last_end: Some(t + Duration::from_millis(offset_ms + 500)),
-            })
-        };
-        let r = merge(vec![stream(10, 1.0, 0), stream(30, 3.0, 500)], 4, 0.0)?;
-        assert_eq!(r.runs, 40);
-        assert!((r.elapsed_s - 1.0).abs() < 1e-9);
-        assert!((r.batches_per_s() - 40.0).abs() < 1e-6);
-        assert!((r.samples_per_s() - 160.0).abs() < 1e-6);
-        assert!((r.stage_mean(|s| s.compute_ms) - 0.2).abs() < 1e-9);
-        assert!((r.ms(0.5) - 1.0).abs() < 0.01);
-        assert!(merge(vec![Err(anyhow!("boom"))], 1, 0.0).is_err());
         Ok(())
     }
 }

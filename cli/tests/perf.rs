@@ -31,6 +31,10 @@ fn text(b: &[u8]) -> String {
 
 /// A tiny plan: y = relu(x) + x over [batch, 8].
 fn tiny_plan(dir: &TempDir) -> anyhow::Result<String> {
+    tiny_plan_as(dir, "tiny", "fp16")
+}
+
+fn tiny_plan_as(dir: &TempDir, name: &str, precision: &str) -> anyhow::Result<String> {
     let mut b = GraphBuilder::new("tiny");
     b.add_input("x", DataType::Float, &[Dim::Symbolic("batch".into()), Dim::Fixed(8)])?;
     let r = b.add_node("Relu", &["x"], vec![])?;
@@ -38,9 +42,17 @@ fn tiny_plan(dir: &TempDir) -> anyhow::Result<String> {
     b.add_output(&y, DataType::Float, &[Dim::Symbolic("batch".into()), Dim::Fixed(8)])?;
     let model = dir.path("tiny.onnx");
     kiln_onnx::save(&b.finish(17), &model)?;
-    let plan = dir.path("tiny.plan").to_str().context("path")?.to_owned();
-    let out =
-        kiln(&["build", model.to_str().context("path")?, "--precision", "fp16", "--batch", "1:2:4", "--out", &plan])?;
+    let plan = dir.path(&format!("{name}.plan")).to_str().context("path")?.to_owned();
+    let out = kiln(&[
+        "build",
+        model.to_str().context("path")?,
+        "--precision",
+        precision,
+        "--batch",
+        "1:2:4",
+        "--out",
+        &plan,
+    ])?;
     ensure!(out.status.success(), "kiln build failed: {}\n{}", text(&out.stdout), text(&out.stderr));
     Ok(plan)
 }
@@ -121,5 +133,81 @@ fn missing_plans_and_bad_flags_are_clear_errors() -> anyhow::Result<()> {
     }
     let out = kiln(&["perf", "--help"])?;
     ensure!(out.status.success() && text(&out.stdout).contains("--cuda-graph"), "{}", text(&out.stdout));
+    Ok(())
+}
+
+#[test]
+fn several_plans_write_a_table_on_a_gpu_and_nothing_without_one() -> anyhow::Result<()> {
+    let dir = TempDir::new("cli-perf-table")?;
+    let fp32 = tiny_plan_as(&dir, "tiny-fp32", "fp32")?;
+    let fp16 = tiny_plan_as(&dir, "tiny-fp16", "fp16")?;
+    let doc = dir.path("BENCHMARKS.md");
+    let before = "# Benchmarks\n\nkept as is\n";
+    std::fs::write(&doc, before)?;
+    let torch = dir.path("torch.json");
+    std::fs::write(
+        &torch,
+        r#"{"tool": "torch_baseline", "gpu": "g", "torch": "2.9", "results": [
+            {"model": "tiny", "mode": "eager-fp32", "batch": 1, "throughput": 10.0,
+             "latency_ms": {"p50": 0.5, "p99": 0.75}}]}"#,
+    )?;
+    let json = dir.path("perf.json");
+    let p = |p: &std::path::Path| p.to_str().map(str::to_owned).context("path");
+    let (doc_arg, torch_arg, json_arg) = (p(&doc)?, p(&torch)?, p(&json)?);
+    let base = ["perf", &fp32, &fp16, "--batch", "1,4", "--duration", "0.5", "--warmup", "0.1", "--no-progress"];
+
+    // Bad inputs to the table are refused before anything is measured, the file untouched.
+    let bad_torch = dir.path("bad.json");
+    std::fs::write(&bad_torch, "{\"tool\": \"torch_baseline\", \"results\": [{\"model\": 1}]}")?;
+    let mut args = base.to_vec();
+    args.extend(["--table", &doc_arg, "--torch-json", bad_torch.to_str().context("path")?]);
+    let out = kiln(&args)?;
+    let stderr = text(&out.stderr);
+    ensure!(out.status.code() == Some(1) && stderr.contains("bad.json: results[0]: no \"model\""), "{stderr}");
+    ensure!(!text(&out.stdout).contains("kiln perf: "), "measured before refusing: {}", text(&out.stdout));
+    let marked = dir.path("marked.md");
+    std::fs::write(&marked, "<!-- kiln perf --table end -->\n<!-- kiln perf --table begin -->\n")?;
+    let mut args = base.to_vec();
+    args.extend(["--table", marked.to_str().context("path")?]);
+    let out = kiln(&args)?;
+    ensure!(out.status.code() == Some(1) && text(&out.stderr).contains("marker"), "{}", text(&out.stderr));
+    // --torch-json belongs to --table.
+    let out = kiln(&["perf", &fp32, "--torch-json", &torch_arg])?;
+    ensure!(out.status.code() == Some(2) && text(&out.stderr).contains("--table"), "{}", text(&out.stderr));
+
+    let mut args = base.to_vec();
+    args.extend(["--table", &doc_arg, "--torch-json", &torch_arg, "--json", &json_arg]);
+    let out = kiln(&args)?;
+    let (stdout, stderr) = (text(&out.stdout), text(&out.stderr));
+    match kiln_cuda::device::available() {
+        Err(reason) => {
+            ensure!(out.status.code() == Some(1), "expected exit code 1, got {:?}: {stderr}", out.status.code());
+            let line = stderr.lines().find(|l| l.contains("kiln perf:")).context("no error line")?;
+            ensure!(line.contains("no plan could be measured") && line.contains("tiny-fp16.plan"), "{stderr}");
+            ensure!(line.contains("CUDA unavailable"), "{stderr}");
+            // Each plan was read on the CPU first: its precision comes from the plan.
+            ensure!(stdout.contains("tiny-fp32.plan (FP32): failed: cannot load"), "{stdout}");
+            ensure!(stdout.contains("tiny-fp16.plan (FP16): failed: cannot load"), "{stdout}");
+            ensure!(std::fs::read_to_string(&doc)? == before, "no table of failures");
+            ensure!(!json.exists(), "no JSON without results");
+            println!("skipped the GPU half ({reason}); error line: {line}");
+        }
+        Ok(()) => {
+            ensure!(out.status.success(), "kiln perf failed: {stderr}\n{stdout}");
+            let docs: serde_json::Value = serde_json::from_slice(&std::fs::read(&json)?)?;
+            let docs = docs.as_array().context("several plans: an array")?;
+            ensure!(docs.len() == 2 && docs.iter().all(|d| d["tool"] == "kiln perf"), "{docs:?}");
+            ensure!(docs[0]["precision"] == "FP32" && docs[1]["precision"] == "FP16", "{docs:?}");
+            let written = std::fs::read_to_string(&doc)?;
+            ensure!(written.starts_with(before), "{written}");
+            for row in ["| tiny-fp32 | kiln | FP32 |", "| tiny-fp16 | kiln | FP16 |", "| tiny | PyTorch eager-fp32 |"] {
+                ensure!(written.contains(row) && stdout.contains(row), "{row}: {written}");
+            }
+            ensure!(
+                written.contains("(batch 4)") && written.ends_with("<!-- kiln perf --table end -->\n"),
+                "{written}"
+            );
+        }
+    }
     Ok(())
 }

@@ -14,6 +14,13 @@
 //! (`CUBLAS_COMPUTE_32F`, FP32 scale type). FP32 operands also use plain
 //! `CUBLAS_COMPUTE_32F`, not `_FAST_TF32`: FP32 nodes are FP32 because the
 //! builder kept them exact, and they are checked against the FP32 reference.
+//!
+//! INT8 operands (INT8 layers) produce exact INT32 sums (`CUBLAS_COMPUTE_32I`,
+//! INT32 alpha and beta): D is INT32 and nothing is fused — the requantising
+//! kernel applies scales, bias, residual and activation. cuBLASLt's integer
+//! kernels on ordinary (not COL32) layouts want the "TN" form (A transposed, B
+//! not), m, k and every leading dimension a multiple of 4; [`GemmSpec::validate`]
+//! checks that, and the lowering pads channels to satisfy it.
 
 use std::fmt;
 
@@ -34,13 +41,25 @@ pub const DEFAULT_ALIGN: u32 = 16;
 pub enum GemmElem {
     F16,
     F32,
+    /// INT8 A and B, INT32 C and D.
+    I8,
 }
 
 impl GemmElem {
+    /// Bytes per A/B element.
     pub fn size(self) -> usize {
         match self {
+            Self::I8 => 1,
             Self::F16 => 2,
             Self::F32 => 4,
+        }
+    }
+
+    /// Bytes per C/D element.
+    pub fn out_size(self) -> usize {
+        match self {
+            Self::I8 => 4,
+            other => other.size(),
         }
     }
 
@@ -48,6 +67,22 @@ impl GemmElem {
         match self {
             Self::F16 => DataType::CUDA_R_16F,
             Self::F32 => DataType::CUDA_R_32F,
+            Self::I8 => DataType::CUDA_R_8I,
+        }
+    }
+
+    fn out_type(self) -> DataType {
+        match self {
+            Self::I8 => DataType::CUDA_R_32I,
+            other => other.data_type(),
+        }
+    }
+
+    /// Compute type and alpha/beta type.
+    fn compute(self) -> (ComputeType, DataType) {
+        match self {
+            Self::I8 => (ComputeType::CUBLAS_COMPUTE_32I, DataType::CUDA_R_32I),
+            _ => (ComputeType::CUBLAS_COMPUTE_32F, DataType::CUDA_R_32F),
         }
     }
 }
@@ -176,8 +211,20 @@ impl GemmSpec {
         if !self.alpha.is_finite() || !self.beta.is_finite() {
             return bad("alpha and beta must be finite".into());
         }
-        if !self.align_bytes.is_power_of_two() || (self.align_bytes as usize) < self.elem.size() {
+        if !self.align_bytes.is_power_of_two() || (self.align_bytes as usize) < self.elem.out_size() {
             return bad(format!("alignment {} is not a power of two ≥ the element size", self.align_bytes));
+        }
+        if self.elem == GemmElem::I8 {
+            if !self.transa || self.transb {
+                return bad("INT8 GEMMs must be in TN form (A transposed, B not)".into());
+            }
+            if self.bias || self.epilogue != Epilogue::None || self.beta != 0.0 || self.alpha != 1.0 {
+                return bad("INT8 GEMMs fuse nothing: alpha 1, no bias, residual or epilogue".into());
+            }
+            let dims = [self.m as i64, self.k as i64, self.lda, self.ldb, self.ldc];
+            if dims.iter().any(|d| d % 4 != 0) {
+                return bad("INT8 GEMMs need m, k and the leading dimensions to be multiples of 4".into());
+            }
         }
         if let Some(b) = self.batch {
             if b.count == 0 || i32::try_from(b.count).is_err() {
@@ -319,14 +366,9 @@ impl Blas {
     /// [`MAX_ALGOS`] algorithms needing at most `workspace_bytes` each.
     pub fn plan(&self, spec: &GemmSpec, workspace_bytes: usize) -> Result<GemmPlan, CudaError> {
         spec.validate()?;
-        let dtype = spec.elem.data_type();
-        let desc = lt::MatmulDesc::new(
-            ComputeType::CUBLAS_COMPUTE_32F,
-            DataType::CUDA_R_32F,
-            spec.transa,
-            spec.transb,
-            spec.epilogue_kind(),
-        )?;
+        let (dtype, out) = (spec.elem.data_type(), spec.elem.out_type());
+        let (compute, scale) = spec.elem.compute();
+        let desc = lt::MatmulDesc::new(compute, scale, spec.transa, spec.transb, spec.epilogue_kind())?;
         let batch = |stride: fn(&GemmBatch) -> i64| spec.batch.map(|b| (b.count as i32, stride(&b)));
         let ((ar, ac), (br, bc)) = (spec.stored_a(), spec.stored_b());
         let layouts = [
@@ -334,8 +376,8 @@ impl Blas {
             MatrixLayout::new(dtype, br, bc, spec.ldb, batch(|b| b.stride_b))?,
             // C and D get separate (identical) layouts so that the heuristic
             // does not assume an in-place result: C is often another buffer.
-            MatrixLayout::new(dtype, spec.m, spec.n, spec.ldc, batch(|b| b.stride_c))?,
-            MatrixLayout::new(dtype, spec.m, spec.n, spec.ldc, batch(|b| b.stride_c))?,
+            MatrixLayout::new(out, spec.m, spec.n, spec.ldc, batch(|b| b.stride_c))?,
+            MatrixLayout::new(out, spec.m, spec.n, spec.ldc, batch(|b| b.stride_c))?,
         ];
         let [a, b, c, d] = &layouts;
         let algos = lt::heuristics(&self.handle, &desc, [a, b, c, d], workspace_bytes, spec.align_bytes, MAX_ALGOS)
@@ -399,11 +441,16 @@ impl Blas {
             plan.desc.set_bias(p)?;
         }
         let [la, lb, lc, ld] = &plan.layouts;
+        // The scale type decides how cuBLASLt reads alpha and beta: INT32 for INT8 GEMMs.
+        let (alpha, beta) = match spec.elem {
+            GemmElem::I8 => ((spec.alpha as i32).to_ne_bytes(), (spec.beta as i32).to_ne_bytes()),
+            _ => (spec.alpha.to_ne_bytes(), spec.beta.to_ne_bytes()),
+        };
         let call = MatmulCall {
             desc: &plan.desc,
             layouts: [la, lb, lc, ld],
-            alpha: spec.alpha,
-            beta: spec.beta,
+            alpha,
+            beta,
             a: args.a,
             b: args.b,
             c,

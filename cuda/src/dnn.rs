@@ -14,6 +14,12 @@
 //! (`CUDNN_DEFAULT_MATH` permits TF32 for FP32 data since cuDNN 8), so FP32
 //! nodes stay exact against the reference.
 //!
+//! INT8 (INT8 layers): x and w INT8 NHWC with INT32 compute, y (and the zero
+//! bias) FP32 — cuDNN's "INT8_EXT" configuration, which needs input and
+//! output channels in multiples of 4 (the lowering pads them). With alpha 1 and
+//! the identity, y is the exact INT32 sum rounded to FP32; the requantising
+//! kernel does the rest.
+//!
 //! Limitations of the fused call: it is only relied on for ReLU and the
 //! identity (TensorFlow and oneDNN pass it nothing else and apply other
 //! activations separately), so `ClippedRelu(c)` runs the fused call with ReLU and
@@ -50,13 +56,25 @@ pub enum ConvLayout {
 pub enum ConvElem {
     F16,
     F32,
+    /// INT8 x and w, FP32 y, bias and z.
+    I8,
 }
 
 impl ConvElem {
+    /// Bytes per x/w element.
     pub fn size(self) -> usize {
         match self {
+            Self::I8 => 1,
             Self::F16 => 2,
             Self::F32 => 4,
+        }
+    }
+
+    /// Bytes per y/bias/z element.
+    pub fn out_size(self) -> usize {
+        match self {
+            Self::I8 => 4,
+            other => other.size(),
         }
     }
 }
@@ -174,6 +192,18 @@ impl ConvSpec {
         {
             return Err(self.invalid(format!("clipped ReLU ceiling {c} must be finite and positive")));
         }
+        if self.elem == ConvElem::I8
+            && (self.layout != ConvLayout::Nhwc
+                || self.groups != 1
+                || !self.c.is_multiple_of(4)
+                || !self.k.is_multiple_of(4)
+                || self.act != ConvAct::Identity
+                || self.residual)
+        {
+            return Err(self.invalid(
+                "INT8 convolutions are NHWC, ungrouped, 4·n input and output channels, identity, no residual".into(),
+            ));
+        }
         let [x, w, y] = self.lens()?;
         if [x, w, y].iter().any(|&v| i32::try_from(v).is_err()) {
             return Err(self.invalid("tensors of 2^31 elements or more are beyond cuDNN's 4-D descriptors".into()));
@@ -188,10 +218,13 @@ impl ConvSpec {
         }
     }
 
-    fn numerics(&self) -> (DataType, DataType, MathType) {
+    /// x/w data type, y/bias data type, compute type, math type.
+    fn numerics(&self) -> (DataType, DataType, DataType, MathType) {
+        let (half, float, int8) = (DataType::CUDNN_DATA_HALF, DataType::CUDNN_DATA_FLOAT, DataType::CUDNN_DATA_INT8);
         match self.elem {
-            ConvElem::F16 => (DataType::CUDNN_DATA_HALF, DataType::CUDNN_DATA_FLOAT, MathType::CUDNN_TENSOR_OP_MATH),
-            ConvElem::F32 => (DataType::CUDNN_DATA_FLOAT, DataType::CUDNN_DATA_FLOAT, MathType::CUDNN_FMA_MATH),
+            ConvElem::F16 => (half, half, float, MathType::CUDNN_TENSOR_OP_MATH),
+            ConvElem::F32 => (float, float, float, MathType::CUDNN_FMA_MATH),
+            ConvElem::I8 => (int8, float, DataType::CUDNN_DATA_INT32, MathType::CUDNN_DEFAULT_MATH),
         }
     }
 }
@@ -292,7 +325,7 @@ impl Dnn {
     pub fn plan(&self, spec: &ConvSpec) -> Result<ConvPlan, CudaError> {
         spec.validate()?;
         let (p, q) = spec.output_hw()?;
-        let (data, compute, math) = spec.numerics();
+        let (data, out, compute, math) = spec.numerics();
         let format = spec.format();
         let x = TensorDesc::new(format, data, [spec.n, spec.c, spec.h, spec.w])?;
         let w = FilterDesc::new(format, data, [spec.k, spec.c / spec.groups, spec.r, spec.s])?;
@@ -311,8 +344,8 @@ impl Dnn {
                 spec.n, spec.k
             )));
         }
-        let y = TensorDesc::new(format, data, [spec.n, spec.k, p, q])?;
-        let bias = TensorDesc::new(format, data, [1, spec.k, 1, 1])?;
+        let y = TensorDesc::new(format, out, [spec.n, spec.k, p, q])?;
+        let bias = TensorDesc::new(format, out, [1, spec.k, 1, 1])?;
         let (act, clip) = match spec.act {
             ConvAct::Identity => (ActivationDesc::new(ActivationMode::CUDNN_ACTIVATION_IDENTITY, 0.0)?, None),
             ConvAct::Relu => (ActivationDesc::new(ActivationMode::CUDNN_ACTIVATION_RELU, 0.0)?, None),
@@ -368,8 +401,10 @@ impl Dnn {
             (None, true) => return bad("the plan adds a residual but no z was given".into()),
             (Some(_), false) => return bad("z was given to a plan without residual".into()),
         };
-        let size = spec.elem.size() as u64;
-        for (name, p) in [("x", args.x), ("w", args.w), ("bias", args.bias), ("z", z), ("y", args.y)] {
+        let (size, out) = (spec.elem.size() as u64, spec.elem.out_size() as u64);
+        for (name, p, size) in
+            [("x", args.x, size), ("w", args.w, size), ("bias", args.bias, out), ("z", z, out), ("y", args.y, out)]
+        {
             if p == 0 || !p.is_multiple_of(size) {
                 return bad(format!("{name} pointer {p:#x} is null or misaligned"));
             }

@@ -134,7 +134,6 @@ fn spec_of(graph: &Graph, v: ValueId) -> TensorSpec {
 impl Engine {
     /// Loads `plan` onto the GPU of `opts.device`.
     pub fn load(plan: Plan, opts: &EngineOptions) -> Result<Arc<Engine>, CudaError> {
-        crate::lower::refuse_int8(&plan.graph)?;
         let device = Device::open(opts.device)?;
         device.gpu().ctx.bind_to_thread().map_err(CudaError::driver("bind context"))?;
         let mut symbols: Vec<(String, usize)> =
@@ -656,6 +655,9 @@ impl ExecutionContext {
                 StepKind::Pool(a) => k.pool2d(s, a),
                 StepKind::GlobalPool(a) => k.global_avg_pool(s, a),
                 StepKind::Attention(a) => k.attention(s, a),
+                StepKind::Quantize(a) => k.quantize(s, a),
+                StepKind::Requant(a) => k.requant(s, a),
+                StepKind::DwConvI8(a) => k.dwconv_i8(s, a),
                 StepKind::Zero { ptr, bytes } => mem::zero(s, *ptr, *bytes),
                 StepKind::DtoD { src, dst, bytes } => mem::dtod(s, *src, *dst, *bytes),
                 StepKind::Gemm { .. } | StepKind::Conv { .. } | StepKind::Elementwise(_) => {

@@ -14,6 +14,7 @@
 //! fails here with [`CudaError::InvalidArgument`] naming the step, on any
 //! machine, instead of corrupting memory on a GPU.
 
+mod int8;
 mod linalg;
 mod rows;
 
@@ -22,6 +23,8 @@ use std::sync::OnceLock;
 use half::f16;
 
 use crate::CudaError;
+use crate::blas::GemmElem;
+use crate::dnn::ConvElem;
 use crate::ffi::DevPtr;
 use crate::kernels::{CastArgs, CopyArgs, Elem, EwProgram, GatherArgs};
 use crate::lower::{Bases, Step, StepKind};
@@ -139,6 +142,7 @@ pub fn decode(bytes: &[u8], elem: Elem) -> Vec<f32> {
         Elem::I64 => bytes.chunks_exact(8).map(|c| i64::from_le_bytes(le8(c)) as f32).collect(),
         Elem::I32 => bytes.chunks_exact(4).map(|c| i32::from_le_bytes([c[0], c[1], c[2], c[3]]) as f32).collect(),
         Elem::U8 => bytes.iter().map(|&b| f32::from(b)).collect(),
+        Elem::I8 => bytes.iter().map(|&b| f32::from(b as i8)).collect(),
     }
 }
 
@@ -162,6 +166,7 @@ pub fn encode(vals: &[f32], elem: Elem, out: &mut [u8]) {
             out.chunks_exact_mut(4).zip(vals).for_each(|(o, v)| o.copy_from_slice(&(*v as i64 as i32).to_le_bytes()))
         }
         Elem::U8 => out.iter_mut().zip(vals).for_each(|(o, v)| *o = *v as i64 as u8),
+        Elem::I8 => out.iter_mut().zip(vals).for_each(|(o, v)| *o = *v as i64 as i8 as u8),
     }
 }
 
@@ -199,6 +204,9 @@ pub fn kind_name(kind: &StepKind) -> &'static str {
         StepKind::Pool(_) => "Pool",
         StepKind::GlobalPool(_) => "GlobalPool",
         StepKind::Attention(_) => "Attention",
+        StepKind::Quantize(_) => "Quantize",
+        StepKind::Requant(_) => "Requant",
+        StepKind::DwConvI8(_) => "DwConvI8",
         StepKind::Zero { .. } => "Zero",
         StepKind::DtoD { .. } => "DtoD",
     }
@@ -207,8 +215,13 @@ pub fn kind_name(kind: &StepKind) -> &'static str {
 /// Executes one step.
 pub fn run_step(kind: &StepKind, mem: &mut SimMemory) -> Result<(), CudaError> {
     match kind {
+        StepKind::Gemm { spec, args } if spec.elem == GemmElem::I8 => int8::gemm(mem, spec, args),
         StepKind::Gemm { spec, args } => linalg::gemm(mem, spec, args),
+        StepKind::Conv { spec, args } if spec.elem == ConvElem::I8 => int8::conv(mem, spec, args),
         StepKind::Conv { spec, args } => linalg::conv(mem, spec, args),
+        StepKind::Quantize(a) => int8::quantize(mem, a),
+        StepKind::Requant(a) => int8::requant(mem, a),
+        StepKind::DwConvI8(a) => int8::dwconv(mem, a),
         StepKind::Elementwise(p) => elementwise(mem, p),
         StepKind::Cast(a) => cast(mem, a),
         StepKind::Copy(a) => copy(mem, a),
@@ -275,6 +288,9 @@ fn cast(mem: &mut SimMemory, a: &CastArgs) -> Result<(), CudaError> {
     if a.boolean && a.dst_elem != Elem::U8 {
         return Err(invalid(format!("a boolean cast writes U8, not {:?}", a.dst_elem)));
     }
+    if a.src_elem == Elem::I8 || a.dst_elem == Elem::I8 {
+        return Err(invalid("cast of INT8 elements"));
+    }
     disjoint("cast source", (a.src, a.n * a.src_elem.size()), (a.dst, a.n * a.dst_elem.size()))?;
     let src = mem.bytes(a.src, a.n * a.src_elem.size())?.to_vec();
     let out = mem.bytes_mut(a.dst, a.n * a.dst_elem.size())?;
@@ -284,6 +300,7 @@ fn cast(mem: &mut SimMemory, a: &CastArgs) -> Result<(), CudaError> {
             Some(src.chunks_exact(4).map(|c| i64::from(i32::from_le_bytes([c[0], c[1], c[2], c[3]]))).collect())
         }
         Elem::U8 => Some(src.iter().map(|&v| i64::from(v)).collect()),
+        Elem::I8 => Some(src.iter().map(|&v| i64::from(v as i8)).collect()),
         Elem::F32 | Elem::F16 => None,
     };
     match ints {
@@ -295,7 +312,7 @@ fn cast(mem: &mut SimMemory, a: &CastArgs) -> Result<(), CudaError> {
                 Elem::I32 => {
                     out.chunks_exact_mut(4).zip(&v).for_each(|(o, x)| o.copy_from_slice(&(*x as i32).to_le_bytes()))
                 }
-                Elem::U8 => {
+                Elem::U8 | Elem::I8 => {
                     out.iter_mut().zip(&v).for_each(|(o, x)| *o = if a.boolean { u8::from(*x != 0) } else { *x as u8 })
                 }
             }

@@ -105,7 +105,7 @@ pub const ATTENTION: KernelSource = KernelSource {
 pub const QUANT: KernelSource = KernelSource {
     name: "quant",
     source: with_common!("../cu/quant.cu"),
-    functions: &["kiln_quantize", "kiln_requant"],
+    functions: &["kiln_quantize", "kiln_requant", "kiln_dwconv_i8"],
 };
 
 /// Every kernel kiln has (what the NVRTC/ptxas CI check compiles).

@@ -293,8 +293,9 @@ fn algo_config(algo: &Algo, attr: sys::cublasLtMatmulAlgoConfigAttributes_t) -> 
 pub struct MatmulCall<'a> {
     pub desc: &'a MatmulDesc,
     pub layouts: [&'a MatrixLayout; 4],
-    pub alpha: f32,
-    pub beta: f32,
+    /// alpha and beta in the descriptor's scale type (FP32 or INT32), as host bytes.
+    pub alpha: [u8; 4],
+    pub beta: [u8; 4],
     pub a: DevPtr,
     pub b: DevPtr,
     pub c: DevPtr,
@@ -311,15 +312,15 @@ pub struct MatmulCall<'a> {
 /// these descriptors; `crate::blas` is where that holds.
 pub fn matmul(handle: &Handle, stream: &CudaStream, call: &MatmulCall<'_>) -> Result<(), CudaError> {
     let [la, lb, lc, ld] = call.layouts;
-    // SAFETY: descriptors are live; alpha/beta are host f32 (the default host
-    // pointer mode, FP32 scale type) read during the call; device pointers and
+    // SAFETY: descriptors are live; alpha/beta are 4 host bytes of the scale type
+    // (the default host pointer mode) read during the call; device pointers and
     // the algorithm are the caller's contract above.
     unsafe {
         result::matmul(
             handle.0,
             call.desc.raw,
-            (&call.alpha as *const f32).cast(),
-            (&call.beta as *const f32).cast(),
+            call.alpha.as_ptr().cast(),
+            call.beta.as_ptr().cast(),
             call.a as *const c_void,
             la.0,
             call.b as *const c_void,

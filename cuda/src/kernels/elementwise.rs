@@ -191,6 +191,7 @@ fn store_as(elem: Elem, v: f32) -> f32 {
         Elem::I64 => v as i64 as f32,
         Elem::I32 => v as i64 as i32 as f32,
         Elem::U8 => f32::from(v as i64 as u8),
+        Elem::I8 => f32::from(v as i64 as i8),
     }
 }
 

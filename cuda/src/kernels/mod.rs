@@ -29,7 +29,9 @@ pub use elementwise::{EW_MAX_INPUTS, EW_MAX_OPS, EW_MAX_RANK, EwBuilder, EwOp, E
 pub use movement::{CastArgs, CopyArgs, GatherArgs, row_major_strides};
 pub use norm::{LayerNormArgs, ReduceArgs, ReduceKind, SoftmaxArgs};
 pub use pool::{GlobalPoolArgs, Layout, Pool2dArgs, PoolKind};
-pub use quant::{Int8Act, Int8Out, QuantizeArgs, RequantArgs, quantize_reference, requant_reference};
+pub use quant::{
+    AccLayout, DwConvI8Args, Int8Act, Int8Out, QuantizeArgs, RequantArgs, quantize_reference, requant_reference,
+};
 
 use crate::CudaError;
 use crate::device::Device;
@@ -44,6 +46,9 @@ pub enum Elem {
     I32,
     /// One byte; ONNX BOOL tensors are stored as 0/1 bytes.
     U8,
+    /// Quantised activations and weights of INT8 layers (only the INT8 kernels and
+    /// the integer GEMMs/convolutions read them).
+    I8,
 }
 
 impl Elem {
@@ -53,7 +58,7 @@ impl Elem {
             Self::F32 | Self::I32 => 4,
             Self::F16 => 2,
             Self::I64 => 8,
-            Self::U8 => 1,
+            Self::U8 | Self::I8 => 1,
         }
     }
 
@@ -65,6 +70,7 @@ impl Elem {
             Self::I64 => 2,
             Self::I32 => 3,
             Self::U8 => 4,
+            Self::I8 => 5,
         }
     }
 
@@ -127,6 +133,7 @@ pub struct Kernels {
     attention: FloatPairs,
     quantize: CudaFunction,
     requant: CudaFunction,
+    dwconv_i8: CudaFunction,
 }
 
 impl Kernels {
@@ -157,6 +164,7 @@ impl Kernels {
             attention: pairs(&sources::ATTENTION, "kiln_attention", "m")?,
             quantize: one(&sources::QUANT, "kiln_quantize")?,
             requant: one(&sources::QUANT, "kiln_requant")?,
+            dwconv_i8: one(&sources::QUANT, "kiln_dwconv_i8")?,
         })
     }
 }

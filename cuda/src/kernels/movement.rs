@@ -30,6 +30,10 @@ impl CastArgs {
         if self.boolean && self.dst_elem != Elem::U8 {
             return Err(invalid(format!("a boolean cast writes U8, not {:?}", self.dst_elem)));
         }
+        // INT8 tensors only pass through the quantisation kernels.
+        if self.src_elem == Elem::I8 || self.dst_elem == Elem::I8 {
+            return Err(invalid("cast of INT8 elements"));
+        }
         if self.n == 0 {
             return Ok(None);
         }

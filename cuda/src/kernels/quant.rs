@@ -1,6 +1,7 @@
-//! `kernels/cu/quant.cu`: activations into INT8 ([`QuantizeArgs`]) and the requantising
-//! epilogue of INT8 layers ([`RequantArgs`]), with their CPU references — the same
-//! arithmetic as the engine's INT8 emulation (`kiln_engine::quant::int8`).
+//! `kernels/cu/quant.cu`: activations into INT8 ([`QuantizeArgs`]), the requantising
+//! epilogue of INT8 layers ([`RequantArgs`]) and the depthwise INT8 convolution
+//! ([`DwConvI8Args`]), with their CPU references — the same arithmetic as the engine's
+//! INT8 emulation (`kiln_engine::quant::int8`).
 
 use cudarc::driver::CudaStream;
 
@@ -11,17 +12,18 @@ use crate::ffi::launch::{Dims, KArg};
 
 const THREADS: u32 = 256;
 
-/// Output code of INT8 in `quant.cu` (FP32 0 and FP16 1 share [`Elem::code`]).
-const I8_CODE: i32 = 5;
-
-/// `n` FP32 or FP16 values at `src` to INT8 at `dst` with one scale.
+/// FP32 or FP16 values at `src` to INT8 at `dst` with one scale: `n / padded` rows of
+/// `channels` values each, stored as rows of `padded ≥ channels` bytes (zeros after).
 #[derive(Debug, Clone)]
 pub struct QuantizeArgs {
     pub src: DevPtr,
     pub src_elem: Elem,
     pub dst: DevPtr,
+    /// Destination elements.
     pub n: usize,
     pub scale: f32,
+    pub channels: usize,
+    pub padded: usize,
 }
 
 impl QuantizeArgs {
@@ -29,6 +31,12 @@ impl QuantizeArgs {
         self.src_elem.float_index("quantize source")?;
         if !(self.scale.is_finite() && self.scale > 0.0) {
             return Err(invalid(format!("quantize scale {} must be finite and positive", self.scale)));
+        }
+        if self.channels == 0 || self.padded < self.channels || !self.n.is_multiple_of(self.padded) {
+            return Err(invalid(format!(
+                "quantize: {} elements are not rows of {} ≥ {} channels",
+                self.n, self.padded, self.channels
+            )));
         }
         if self.n == 0 {
             return Ok(None);
@@ -39,6 +47,8 @@ impl QuantizeArgs {
             ptr(self.dst, "quantize dst")?,
             KArg::I64(long(self.n, "quantize n")?),
             KArg::F32(self.scale),
+            KArg::I32(int(self.channels, "quantize channels")?),
+            KArg::I32(int(self.padded, "quantize padded channels")?),
         ];
         Ok(Some(Launch { dims: Dims::linear(stride_blocks(self.n, THREADS), THREADS), args }))
     }
@@ -65,11 +75,15 @@ pub enum Int8Out {
     },
 }
 
-/// `n` INT32 accumulators to the layer's output: `acc·alpha[k] + bias[k] + residual`,
+/// An INT8 layer's accumulators to its `n` outputs: `acc·alpha[k] + bias[k] + residual`,
 /// the activation, then the output type; `k = (i / inner) % channels`.
 #[derive(Debug, Clone)]
 pub struct RequantArgs {
     pub acc: DevPtr,
+    /// [`Elem::I32`] (cuBLASLt, the depthwise kernel) or [`Elem::F32`] (cuDNN).
+    pub acc_elem: Elem,
+    /// Accumulators per row when channels are last (`inner == 1`): ≥ `channels`.
+    pub acc_ld: usize,
     pub out: DevPtr,
     pub out_kind: Int8Out,
     /// `input_scale · weight_scale[k]`, one per channel (FP32, on the device).
@@ -88,10 +102,19 @@ impl RequantArgs {
         if self.channels == 0 || self.inner == 0 {
             return Err(invalid("requant needs at least one channel and inner = 1 or more"));
         }
+        if self.inner == 1 && self.acc_ld < self.channels || self.inner > 1 && self.acc_ld != self.channels {
+            return Err(invalid(format!(
+                "requant rows of {} accumulators for {} channels",
+                self.acc_ld, self.channels
+            )));
+        }
+        if !matches!(self.acc_elem, Elem::I32 | Elem::F32) {
+            return Err(invalid(format!("requant accumulators of {:?}", self.acc_elem)));
+        }
         let (out_code, out_scale, via_f16) = match self.out_kind {
             Int8Out::F32 => (Elem::F32.code(), 1.0, false),
             Int8Out::F16 => (Elem::F16.code(), 1.0, false),
-            Int8Out::I8 { scale, via_f16 } if scale.is_finite() && scale > 0.0 => (I8_CODE, scale, via_f16),
+            Int8Out::I8 { scale, via_f16 } if scale.is_finite() && scale > 0.0 => (Elem::I8.code(), scale, via_f16),
             Int8Out::I8 { scale, .. } => {
                 return Err(invalid(format!("requant output scale {scale} is not positive")));
             }
@@ -113,6 +136,8 @@ impl RequantArgs {
         }
         let args = vec![
             ptr(self.acc, "requant acc")?,
+            KArg::I32(self.acc_elem.code()),
+            KArg::I64(long(self.acc_ld, "requant acc_ld")?),
             ptr(self.out, "requant out")?,
             KArg::I32(out_code),
             ptr(self.alpha, "requant alpha")?,
@@ -132,7 +157,98 @@ impl RequantArgs {
     }
 }
 
+/// A depthwise NHWC INT8 convolution (`c` channels, one `r × s` filter each, stored
+/// `[c, r, s]`) to INT32 accumulators `[n, p, q, c]`; symmetric padding.
+#[derive(Debug, Clone, PartialEq)]
+pub struct DwConvI8Args {
+    pub x: DevPtr,
+    pub w: DevPtr,
+    pub y: DevPtr,
+    pub n: usize,
+    pub c: usize,
+    pub h: usize,
+    pub w_in: usize,
+    pub out: [usize; 2],
+    pub kernel: [usize; 2],
+    pub strides: [usize; 2],
+    pub pads: [usize; 2],
+    pub dilations: [usize; 2],
+}
+
+impl DwConvI8Args {
+    /// Elements of x and y.
+    pub fn lens(&self) -> [usize; 2] {
+        [self.n * self.h * self.w_in * self.c, self.n * self.out[0] * self.out[1] * self.c]
+    }
+
+    pub(crate) fn plan(&self) -> Result<Option<Launch>, CudaError> {
+        let dims = [self.c, self.h, self.w_in, self.kernel[0], self.kernel[1], self.strides[0], self.strides[1]];
+        if dims.contains(&0) || self.dilations.contains(&0) {
+            return Err(invalid(format!("depthwise INT8 convolution {self:?}: zero size, stride or dilation")));
+        }
+        let n_out = self.lens()[1];
+        if n_out == 0 {
+            return Ok(None);
+        }
+        let i = |v: usize, what: &str| int(v, what).map(KArg::I32);
+        let args = vec![
+            ptr(self.x, "dwconv x")?,
+            ptr(self.w, "dwconv w")?,
+            ptr(self.y, "dwconv y")?,
+            KArg::I64(long(n_out, "dwconv outputs")?),
+            i(self.c, "dwconv c")?,
+            i(self.h, "dwconv h")?,
+            i(self.w_in, "dwconv w")?,
+            i(self.out[0], "dwconv p")?,
+            i(self.out[1], "dwconv q")?,
+            i(self.kernel[0], "dwconv r")?,
+            i(self.kernel[1], "dwconv s")?,
+            i(self.strides[0], "dwconv stride")?,
+            i(self.strides[1], "dwconv stride")?,
+            i(self.pads[0], "dwconv pad")?,
+            i(self.pads[1], "dwconv pad")?,
+            i(self.dilations[0], "dwconv dilation")?,
+            i(self.dilations[1], "dwconv dilation")?,
+        ];
+        Ok(Some(Launch { dims: Dims::linear(stride_blocks(n_out, THREADS), THREADS), args }))
+    }
+
+    /// CPU reference: exact integer sums.
+    pub fn reference(&self, x: &[i8], w: &[i8]) -> Vec<i32> {
+        let (c, h, wd) = (self.c, self.h, self.w_in);
+        let ([p, q], [r, s]) = (self.out, self.kernel);
+        let mut y = vec![0i32; self.lens()[1]];
+        for (i, out) in y.iter_mut().enumerate() {
+            let (ch, pix) = (i % c, i / c);
+            let (ox, oy, b) = (pix % q, (pix / q) % p, pix / (p * q));
+            for ky in 0..r {
+                let Some(iy) = (oy * self.strides[0] + ky * self.dilations[0]).checked_sub(self.pads[0]) else {
+                    continue;
+                };
+                if iy >= h {
+                    continue;
+                }
+                for kx in 0..s {
+                    let Some(ix) = (ox * self.strides[1] + kx * self.dilations[1]).checked_sub(self.pads[1]) else {
+                        continue;
+                    };
+                    if ix >= wd {
+                        continue;
+                    }
+                    *out += i32::from(x[((b * h + iy) * wd + ix) * c + ch]) * i32::from(w[(ch * r + ky) * s + kx]);
+                }
+            }
+        }
+        y
+    }
+}
+
 impl Kernels {
+    /// Depthwise INT8 convolution ([`DwConvI8Args`]).
+    pub fn dwconv_i8(&self, stream: &CudaStream, args: &DwConvI8Args) -> Result<(), CudaError> {
+        run(stream, &self.dwconv_i8, args.plan()?)
+    }
+
     /// Activations into INT8 ([`QuantizeArgs`]).
     pub fn quantize(&self, stream: &CudaStream, args: &QuantizeArgs) -> Result<(), CudaError> {
         run(stream, &self.quantize, args.plan()?)
@@ -144,27 +260,45 @@ impl Kernels {
     }
 }
 
-/// CPU reference of `kiln_quantize` (ONNX QuantizeLinear to INT8, zero point 0).
-pub fn quantize_reference(x: &[f32], scale: f32) -> Vec<i8> {
-    x.iter().map(|&v| kiln_engine::quant::int8::quantize(v, scale) as i8).collect()
+/// CPU reference of `kiln_quantize` (ONNX QuantizeLinear to INT8, zero point 0), rows of
+/// `channels` values widened to rows of `padded` with zeros.
+pub fn quantize_reference(x: &[f32], scale: f32, channels: usize, padded: usize) -> Vec<i8> {
+    let mut out = Vec::with_capacity(x.len() / channels.max(1) * padded);
+    for row in x.chunks(channels.max(1)) {
+        out.extend(row.iter().map(|&v| kiln_engine::quant::int8::quantize(v, scale) as i8));
+        out.resize(out.len() + padded.saturating_sub(row.len()), 0);
+    }
+    out
 }
 
-/// CPU reference of `kiln_requant`, in the engine emulation's order of operations.
+/// How [`requant_reference`] reads its accumulators.
+#[derive(Debug, Clone, Copy)]
+pub struct AccLayout {
+    /// Elements per channel index: 1 for channels-last, H·W for NCHW.
+    pub inner: usize,
+    /// Accumulators per row (channels-last only; ≥ the channel count).
+    pub ld: usize,
+}
+
+/// CPU reference of `kiln_requant`, in the engine emulation's order of operations, for `n`
+/// outputs. `acc` holds the accumulators already as f32 (INT32 sums rounded to nearest, as
+/// `__int2float_rn` and cuDNN's conversion do).
 pub fn requant_reference(
-    acc: &[i32],
+    acc: &[f32],
+    layout: AccLayout,
     alpha: &[f32],
     bias: Option<&[f32]>,
     residual: Option<&[f32]>,
-    inner: usize,
-    act: Int8Act,
-    out: Int8Out,
+    (act, out): (Int8Act, Int8Out),
+    n: usize,
 ) -> Vec<f32> {
     let channels = alpha.len().max(1);
-    acc.iter()
-        .enumerate()
-        .map(|(i, &a)| {
-            let k = (i / inner.max(1)) % channels;
-            let mut y = a as f32 * alpha[k];
+    let inner = layout.inner.max(1);
+    (0..n)
+        .map(|i| {
+            let k = (i / inner) % channels;
+            let a = if inner == 1 { acc[(i / channels) * layout.ld + k] } else { acc[i] };
+            let mut y = a * alpha[k];
             if let Some(b) = bias {
                 y += b[k];
             }
@@ -211,13 +345,21 @@ mod tests {
 
     #[test]
     fn plans_validate_before_launching() -> Result<(), CudaError> {
-        let q = QuantizeArgs { src: 256, src_elem: Elem::F16, dst: 512, n: 10, scale: 0.5 };
+        let q = QuantizeArgs { src: 256, src_elem: Elem::F16, dst: 512, n: 12, scale: 0.5, channels: 3, padded: 4 };
         assert!(q.plan()?.is_some());
+        assert!(QuantizeArgs { n: 10, ..q.clone() }.plan().is_err(), "not whole rows");
+        assert!(QuantizeArgs { padded: 2, ..q.clone() }.plan().is_err(), "padding narrower than the rows");
+        assert_eq!(
+            quantize_reference(&[0.5, -0.25, 100.0, 1.0, 0.26, f32::NAN], 0.5, 3, 4),
+            [1, 0, 127, 0, 2, 1, 0, 0]
+        );
         assert!(QuantizeArgs { scale: 0.0, ..q.clone() }.plan().is_err());
         assert!(QuantizeArgs { src_elem: Elem::I32, ..q.clone() }.plan().is_err());
         assert!(QuantizeArgs { n: 0, ..q }.plan()?.is_none());
         let r = RequantArgs {
             acc: 256,
+            acc_elem: Elem::I32,
+            acc_ld: 8,
             out: 512,
             out_kind: Int8Out::I8 { scale: 0.1, via_f16: true },
             alpha: 1024,
@@ -229,7 +371,9 @@ mod tests {
             act: Int8Act::Clip { lo: 0.0, hi: 6.0 },
         };
         let l = r.plan()?.ok_or_else(|| invalid("expected a launch"))?;
-        assert_eq!(l.args.len(), 15);
+        assert_eq!(l.args.len(), 17);
+        assert!(RequantArgs { acc_ld: 7, ..r.clone() }.plan().is_err(), "rows narrower than the channels");
+        assert!(RequantArgs { acc_elem: Elem::F16, ..r.clone() }.plan().is_err());
         assert!(RequantArgs { out_kind: Int8Out::I8 { scale: -1.0, via_f16: false }, ..r.clone() }.plan().is_err());
         assert!(RequantArgs { residual: Some((2048, Elem::I64)), ..r.clone() }.plan().is_err());
         assert!(RequantArgs { channels: 0, ..r.clone() }.plan().is_err());
@@ -255,17 +399,19 @@ mod tests {
         let op = kiln_engine::ops::registry().get("kiln.Dense").ok_or("no Dense")?;
         let want = eval(&node, op, &[Some(&at), Some(&wt), Some(&bt)], &q)?;
         // The integer product as cuBLASLt computes it, then the kernel's reference.
-        let qa = quantize_reference(&a, q.input_scale);
+        let qa = quantize_reference(&a, q.input_scale, k, k);
         let qw: Vec<i32> = w
             .iter()
             .enumerate()
             .map(|(i, &v)| (v / q.weight_scales[i % cols]).round_ties_even().clamp(-127.0, 127.0) as i32)
             .collect();
-        let acc: Vec<i32> = (0..rows * cols)
-            .map(|i| (0..k).map(|p| i32::from(qa[(i / cols) * k + p]) * qw[p * cols + i % cols]).sum())
+        let acc: Vec<f32> = (0..rows * cols)
+            .map(|i| (0..k).map(|p| i32::from(qa[(i / cols) * k + p]) * qw[p * cols + i % cols]).sum::<i32>() as f32)
             .collect();
         let alpha: Vec<f32> = q.weight_scales.iter().map(|&s| q.input_scale * s).collect();
-        let got = requant_reference(&acc, &alpha, Some(&bias), None, 1, Int8Act::Relu, Int8Out::F32);
+        let layout = AccLayout { inner: 1, ld: cols };
+        let got =
+            requant_reference(&acc, layout, &alpha, Some(&bias), None, (Int8Act::Relu, Int8Out::F32), rows * cols);
         let want = want.as_f32().ok_or("output")?;
         assert!(got.iter().zip(want).all(|(a, b)| a.to_bits() == b.to_bits()), "{got:?} vs {want:?}");
         Ok(())

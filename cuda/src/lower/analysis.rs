@@ -52,6 +52,8 @@ pub enum DevOpKind {
     /// its asymmetric spatial padding (TF "SAME") materialised, which cuDNN
     /// cannot apply (it pads symmetrically).
     Pad { at: [usize; 4] },
+    /// INT8 layer `Analysis::int8[i]`: quantise, integer product, requantise.
+    Int8(usize),
 }
 
 /// One unit of device work, over device tensors (indices into [`Analysis::dvals`]).
@@ -98,6 +100,8 @@ pub struct Analysis {
     pub value_dval: HashMap<ValueId, usize>,
     /// Convolution nodes whose input 0 already holds their padding ([`DevOpKind::Pad`]).
     pub prepadded: HashSet<usize>,
+    /// The INT8 layers, indexed by [`DevOpKind::Int8`].
+    pub int8: Vec<super::int8::Int8Layer>,
 }
 
 fn natural_elem(d: DType) -> Option<Elem> {
@@ -111,7 +115,7 @@ fn natural_elem(d: DType) -> Option<Elem> {
     })
 }
 
-fn precision_elem(p: Precision) -> Elem {
+pub(super) fn precision_elem(p: Precision) -> Elem {
     match p {
         Precision::F16 => Elem::F16,
         Precision::F32 => Elem::F32,
@@ -169,11 +173,11 @@ fn required_elem(graph: &Graph, node: usize, i: usize, have: Elem) -> Option<Ele
     }
 }
 
-struct Builder<'g> {
-    graph: &'g Graph,
-    consumers: HashMap<ValueId, Vec<usize>>,
+pub(super) struct Builder<'g> {
+    pub(super) graph: &'g Graph,
+    pub(super) consumers: HashMap<ValueId, Vec<usize>>,
     max: &'g Binding,
-    a: Analysis,
+    pub(super) a: Analysis,
     converted: HashMap<(usize, Elem), usize>,
     issues: Vec<NodeIssue>,
 }
@@ -200,6 +204,7 @@ impl Analysis {
                 zeros_offset: None,
                 value_dval: HashMap::new(),
                 prepadded: HashSet::new(),
+                int8: Vec::new(),
             },
             converted: HashMap::new(),
             issues: Vec::new(),
@@ -234,7 +239,7 @@ impl Analysis {
 }
 
 impl Builder<'_> {
-    fn issue(&mut self, node: usize, reason: impl Into<String>) {
+    pub(super) fn issue(&mut self, node: usize, reason: impl Into<String>) {
         let n = &self.graph.nodes[node];
         self.issues.push(NodeIssue { node: n.name.clone(), op: n.op.clone(), reason: reason.into() });
     }
@@ -244,10 +249,19 @@ impl Builder<'_> {
         dims.iter().try_fold(elem.size(), |acc, &d| acc.checked_mul(d))
     }
 
-    fn new_dval(&mut self, name: String, elem: Elem, shape: Vec<Dim>, storage: Storage) -> Option<usize> {
+    pub(super) fn new_dval(&mut self, name: String, elem: Elem, shape: Vec<Dim>, storage: Storage) -> Option<usize> {
         let bytes = self.bytes_of(&shape, elem)?;
         self.a.dvals.push(DVal { name, elem, shape, storage, bytes });
         Some(self.a.dvals.len() - 1)
+    }
+
+    /// Appends `bytes` to the weight blob as a new device tensor.
+    pub(super) fn push_weight(&mut self, name: String, elem: Elem, shape: Vec<Dim>, bytes: &[u8]) -> usize {
+        let offset = self.a.weights.len().next_multiple_of(ALIGN);
+        self.a.weights.resize(offset, 0);
+        self.a.weights.extend_from_slice(bytes);
+        self.a.dvals.push(DVal { name, elem, shape, storage: Storage::Weight { offset }, bytes: bytes.len() });
+        self.a.dvals.len() - 1
     }
 
     fn place_nodes(&mut self) {
@@ -278,7 +292,7 @@ impl Builder<'_> {
     }
 
     /// The device tensor for graph value `v` as read by a device node.
-    fn input_dval(&mut self, node: usize, v: ValueId, host: &HashSet<ValueId>) -> Option<usize> {
+    pub(super) fn input_dval(&mut self, node: usize, v: ValueId, host: &HashSet<ValueId>) -> Option<usize> {
         if let Some(&d) = self.a.value_dval.get(&v) {
             return Some(d);
         }
@@ -300,17 +314,7 @@ impl Builder<'_> {
                 self.issue(node, format!("constant {} ({}) cannot be stored on the device", value.name, t.dtype()));
                 return None;
             };
-            let offset = self.a.weights.len().next_multiple_of(ALIGN);
-            self.a.weights.resize(offset, 0);
-            self.a.weights.extend_from_slice(&bytes);
-            self.a.dvals.push(DVal {
-                name: value.name.clone(),
-                elem,
-                shape,
-                storage: Storage::Weight { offset },
-                bytes: bytes.len(),
-            });
-            self.a.dvals.len() - 1
+            self.push_weight(value.name.clone(), elem, shape, &bytes)
         } else if host.contains(&v) {
             let Some(d) = self.new_dval(value.name.clone(), natural, shape, Storage::Arena { offset: 0 }) else {
                 self.issue(node, format!("input {} has a shape the profiles do not bound", value.name));
@@ -338,7 +342,7 @@ impl Builder<'_> {
     }
 
     /// `d` as `elem`: itself, or a converted copy (made once per pair).
-    fn convert(&mut self, node: usize, d: usize, elem: Elem) -> Option<usize> {
+    pub(super) fn convert(&mut self, node: usize, d: usize, elem: Elem) -> Option<usize> {
         if self.a.dvals[d].elem == elem {
             return Some(d);
         }
@@ -362,18 +366,7 @@ impl Builder<'_> {
                     return None;
                 }
             };
-            let offset = self.a.weights.len().next_multiple_of(ALIGN);
-            self.a.weights.resize(offset, 0);
-            self.a.weights.extend_from_slice(&bytes);
-            let name = format!("{}:{elem:?}", src.name);
-            self.a.dvals.push(DVal {
-                name,
-                elem,
-                shape: src.shape,
-                storage: Storage::Weight { offset },
-                bytes: bytes.len(),
-            });
-            self.a.dvals.len() - 1
+            self.push_weight(format!("{}:{elem:?}", src.name), elem, src.shape, &bytes)
         } else {
             let c = self.new_dval(format!("{}:{elem:?}", src.name), elem, src.shape, Storage::Arena { offset: 0 })?;
             self.a.ops.push(DevOp { kind: DevOpKind::Convert, ins: vec![Some(d)], outs: vec![c] });
@@ -388,6 +381,10 @@ impl Builder<'_> {
         let node = &g.nodes[i];
         if !super::ops::supported(&node.op) {
             self.issue(i, "no GPU implementation");
+            return;
+        }
+        if node.attrs.get(kiln_engine::quant::INPUT_SCALE).is_some() {
+            self.int8_node(i, host);
             return;
         }
         let mut ins = Vec::with_capacity(node.inputs.len());
@@ -501,13 +498,7 @@ impl Builder<'_> {
                 *a = Dim::fixed(cp as i64);
                 *b = Dim::fixed(cp as i64);
             }
-            let woff = self.a.weights.len().next_multiple_of(ALIGN);
-            self.a.weights.resize(woff, 0);
-            self.a.weights.extend_from_slice(&padded);
-            let wname = format!("{}:pad{cp}", wv.name);
-            let storage = Storage::Weight { offset: woff };
-            self.a.dvals.push(DVal { name: wname, elem: wv.elem, shape: wshape, storage, bytes: padded.len() });
-            ins[1] = Some(self.a.dvals.len() - 1);
+            ins[1] = Some(self.push_weight(format!("{}:pad{cp}", wv.name), wv.elem, wshape, &padded));
             xname = format!("{}:pad{cp}", xv.name);
         }
         let Some(xp) = self.new_dval(xname, xv.elem, xshape, Storage::Arena { offset: 0 }) else {
@@ -530,6 +521,7 @@ impl Builder<'_> {
                 _ => None,
             })
             .filter_map(|&d| self.a.dvals[d].shape.iter().map(|s| s.as_fixed().unwrap_or(0) as usize).max())
+            .chain(self.a.int8.iter().map(|l| l.out_padded))
             .max();
         if let Some(n) = widest {
             let offset = self.a.weights.len().next_multiple_of(ALIGN);
@@ -625,6 +617,7 @@ pub fn tensor_from_bytes(raw: &[u8], elem: Elem, dims: Vec<usize>) -> Result<Ten
             TensorData::I32(raw.chunks_exact(4).map(|c| i32::from_le_bytes([c[0], c[1], c[2], c[3]])).collect())
         }
         Elem::U8 => TensorData::Bool(raw.iter().map(|&b| b != 0).collect()),
+        Elem::I8 => TensorData::I32(raw.iter().map(|&b| i32::from(b as i8)).collect()),
     };
     Tensor::new(dims, data).map_err(|e| CudaError::InvalidArgument(format!("output tensor: {e}")))
 }

@@ -11,8 +11,8 @@ use crate::blas::{GemmArgs, GemmSpec};
 use crate::dnn::{ConvArgs, ConvSpec};
 use crate::ffi::DevPtr;
 use crate::kernels::{
-    AttentionArgs, CastArgs, CopyArgs, Elem, EwProgram, GatherArgs, GlobalPoolArgs, LayerNormArgs, Pool2dArgs,
-    ReduceArgs, SoftmaxArgs, row_major_strides,
+    AttentionArgs, CastArgs, CopyArgs, DwConvI8Args, Elem, EwProgram, GatherArgs, GlobalPoolArgs, LayerNormArgs,
+    Pool2dArgs, QuantizeArgs, ReduceArgs, RequantArgs, SoftmaxArgs, row_major_strides,
 };
 
 /// Device addresses of one context's buffers.
@@ -44,6 +44,12 @@ pub enum StepKind {
     Pool(Pool2dArgs),
     GlobalPool(GlobalPoolArgs),
     Attention(AttentionArgs),
+    /// An INT8 layer's input into INT8.
+    Quantize(QuantizeArgs),
+    /// An INT8 layer's epilogue: accumulators to its output.
+    Requant(RequantArgs),
+    /// A depthwise INT8 convolution to INT32 accumulators.
+    DwConvI8(DwConvI8Args),
     /// Zero `bytes` bytes (the padding lanes of a channel-padded input).
     Zero {
         ptr: DevPtr,
@@ -128,6 +134,33 @@ fn unreachable_alias(name: &str) -> Result<DevPtr, CudaError> {
     Err(CudaError::InvalidArgument(format!("alias chain of {name} does not end in a buffer")))
 }
 
+/// `src` copied into the zeroed, larger `dst` (same rank) with its element 0 at index `at`.
+pub(super) fn pad_copy(
+    e: &mut Emitter<'_>,
+    name: &str,
+    src: &View,
+    dst: &View,
+    at: [usize; 4],
+) -> Result<(), CudaError> {
+    if at.len() != dst.dims.len() || src.dims.len() != dst.dims.len() {
+        return Err(CudaError::InvalidArgument(format!("{name}: padding of a tensor of rank {}", src.dims.len())));
+    }
+    e.steps.push(Step { node: name.to_owned(), kind: StepKind::Zero { ptr: dst.ptr, bytes: dst.bytes() } });
+    // The source lands at `at` inside the destination; everything else stays zero.
+    let dst_strides = row_major_strides(&dst.dims);
+    let first: i64 = at.iter().zip(&dst_strides).map(|(&a, &s)| a as i64 * s).sum();
+    let copy = CopyArgs {
+        dst: dst.ptr + first as u64 * dst.elem.size() as u64,
+        src: src.ptr,
+        elem_size: src.elem.size(),
+        shape: src.dims.clone(),
+        src_strides: row_major_strides(&src.dims),
+        dst_strides,
+    };
+    e.steps.push(Step { node: name.to_owned(), kind: StepKind::Copy(copy) });
+    Ok(())
+}
+
 /// The steps of one run at `binding`, addressing `bases`.
 pub fn emit(
     graph: &kiln_engine::graph::Graph,
@@ -169,26 +202,12 @@ fn emit_op(e: &mut Emitter<'_>, op: &DevOp) -> Result<(), CudaError> {
         DevOpKind::Pad { at } => {
             let (src, dst) = (e.view(input(0)?)?, e.view(out(0)?)?);
             let name = e.analysis.dvals[out(0)?].name.clone();
-            if at.len() != dst.dims.len() || src.dims.len() != dst.dims.len() {
-                return Err(CudaError::InvalidArgument(format!(
-                    "{name}: padding of a tensor of rank {}",
-                    src.dims.len()
-                )));
-            }
-            e.steps.push(Step { node: name.clone(), kind: StepKind::Zero { ptr: dst.ptr, bytes: dst.bytes() } });
-            // The source lands at `at` inside the destination; everything else stays zero.
-            let dst_strides = row_major_strides(&dst.dims);
-            let first: i64 = at.iter().zip(&dst_strides).map(|(&a, &s)| a as i64 * s).sum();
-            let copy = CopyArgs {
-                dst: dst.ptr + first as u64 * dst.elem.size() as u64,
-                src: src.ptr,
-                elem_size: src.elem.size(),
-                shape: src.dims.clone(),
-                src_strides: row_major_strides(&src.dims),
-                dst_strides,
-            };
-            e.steps.push(Step { node: name, kind: StepKind::Copy(copy) });
-            Ok(())
+            pad_copy(e, &name, &src, &dst, at)
+        }
+        DevOpKind::Int8(i) => {
+            let analysis = e.analysis;
+            let layer = analysis.int8.get(i).ok_or_else(|| CudaError::InvalidArgument(format!("INT8 layer {i}")))?;
+            super::int8::emit_int8(e, layer)
         }
         DevOpKind::Node(i) => {
             let node = &e.graph.nodes[i];

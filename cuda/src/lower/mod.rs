@@ -16,12 +16,14 @@
 
 mod analysis;
 mod emit;
+mod int8;
 mod ops;
 
 pub use analysis::{
     Analysis, DVal, DevOp, DevOpKind, Storage, Transfer, tensor_bytes, tensor_from_bytes, write_tensor_bytes,
 };
 pub use emit::{Bases, Step, StepKind, emit};
+pub use int8::{ConvGeometry, Int8Form, Int8Layer};
 
 use std::collections::HashMap;
 
@@ -31,19 +33,3 @@ pub type Binding = HashMap<String, usize>;
 /// Alignment of every weight and arena buffer: cuBLASLt and cuDNN want 16 bytes
 /// for vectorised FP16 access; 256 matches the driver's allocation granularity.
 pub const ALIGN: usize = 256;
-
-/// INT8 layers must run in INT8 or not at all: computing them in FP16 here would serve
-/// numbers the build's accuracy gate never saw. The lowering has no INT8 steps yet.
-pub(crate) fn refuse_int8(graph: &kiln_engine::graph::Graph) -> Result<(), crate::CudaError> {
-    let int8: Vec<kiln_engine::graph::NodeIssue> = graph
-        .nodes
-        .iter()
-        .filter(|n| n.attrs.get(kiln_engine::quant::INPUT_SCALE).is_some())
-        .map(|n| kiln_engine::graph::NodeIssue {
-            node: n.name.clone(),
-            op: n.op.clone(),
-            reason: "INT8 layers are not in the CUDA engine yet".into(),
-        })
-        .collect();
-    if int8.is_empty() { Ok(()) } else { Err(crate::CudaError::Unsupported(int8)) }
-}

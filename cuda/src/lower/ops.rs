@@ -131,7 +131,7 @@ fn gemm_elem(node: &Node, e: Elem) -> Result<GemmElem, CudaError> {
 }
 
 /// An activation the GEMM or convolution could not apply, as ops on one register.
-fn activation_ops(node: &Node) -> Result<Vec<(EwOp, f32, f32)>, CudaError> {
+pub(super) fn activation_ops(node: &Node) -> Result<Vec<(EwOp, f32, f32)>, CudaError> {
     let name = attr(node, node.attrs.string("activation", "none"))?;
     Ok(match name.as_str() {
         "none" => vec![],

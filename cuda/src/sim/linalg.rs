@@ -13,12 +13,19 @@ fn gemm_elem(e: GemmElem) -> Elem {
     match e {
         GemmElem::F16 => Elem::F16,
         GemmElem::F32 => Elem::F32,
+        GemmElem::I8 => Elem::I8,
     }
 }
 
 /// A column-major matrix of `rows × cols` with leading dimension `ld` as a view of `data`
 /// (transposed when `trans`: the op(X) cuBLASLt multiplies).
-fn view(data: &[f32], rows: usize, cols: usize, ld: usize, trans: bool) -> Result<ArrayView2<'_, f32>, CudaError> {
+pub(super) fn view(
+    data: &[f32],
+    rows: usize,
+    cols: usize,
+    ld: usize,
+    trans: bool,
+) -> Result<ArrayView2<'_, f32>, CudaError> {
     let v = if trans {
         ArrayView2::from_shape((cols, rows).strides((ld, 1)), data)
     } else {
@@ -28,7 +35,7 @@ fn view(data: &[f32], rows: usize, cols: usize, ld: usize, trans: bool) -> Resul
 }
 
 /// Elements a column-major `rows × cols` matrix with leading dimension `ld` spans.
-fn span(rows: usize, cols: usize, ld: usize) -> usize {
+pub(super) fn span(rows: usize, cols: usize, ld: usize) -> usize {
     if rows == 0 || cols == 0 { 0 } else { (cols - 1) * ld + rows }
 }
 
@@ -115,6 +122,7 @@ pub(super) fn conv(mem: &mut SimMemory, spec: &ConvSpec, args: &ConvArgs) -> Res
     let elem = match spec.elem {
         ConvElem::F16 => Elem::F16,
         ConvElem::F32 => Elem::F32,
+        ConvElem::I8 => return Err(invalid("INT8 convolutions are simulated by sim::int8")),
     };
     let (p, q) = spec.output_hw()?;
     let [xl, wl, yl] = spec.lens()?;
@@ -163,7 +171,7 @@ pub(super) fn conv(mem: &mut SimMemory, spec: &ConvSpec, args: &ConvArgs) -> Res
 }
 
 /// Group `g` of image `b` through im2col and one GEMM, into `y` (the layout's order).
-fn conv_group(
+pub(super) fn conv_group(
     spec: &ConvSpec,
     x: &[f32],
     w: &[f32],
@@ -200,7 +208,7 @@ fn conv_group(
 }
 
 /// A depthwise NHWC convolution (one filter per channel) directly, every channel of a pixel at once.
-fn depthwise_nhwc(spec: &ConvSpec, x: &[f32], w: &[f32], (p, q): (usize, usize), y: &mut [f32]) {
+pub(super) fn depthwise_nhwc(spec: &ConvSpec, x: &[f32], w: &[f32], (p, q): (usize, usize), y: &mut [f32]) {
     let (c, h, wd, taps) = (spec.c, spec.h, spec.w, spec.r * spec.s);
     // Filters [c, taps] to [taps, c], so that a tap's weights line up with a pixel's channels.
     let mut wt = vec![0.0f32; taps * c];

@@ -73,6 +73,7 @@ pub(crate) fn to_bytes(v: &[f32], elem: Elem) -> Vec<u8> {
         Elem::I64 => v.iter().flat_map(|&x| (x as i64).to_le_bytes()).collect(),
         Elem::I32 => v.iter().flat_map(|&x| (x as i32).to_le_bytes()).collect(),
         Elem::U8 => v.iter().map(|&x| x as u8).collect(),
+        Elem::I8 => v.iter().map(|&x| x as i8 as u8).collect(),
     }
 }
 
@@ -84,6 +85,7 @@ pub(crate) fn from_bytes(b: &[u8], elem: Elem) -> Vec<f32> {
         Elem::I64 => chunks.map(|c| i64::from_le_bytes(std::array::from_fn(|i| c[i])) as f32).collect(),
         Elem::I32 => chunks.map(|c| i32::from_le_bytes([c[0], c[1], c[2], c[3]]) as f32).collect(),
         Elem::U8 => chunks.map(|c| f32::from(c[0])).collect(),
+        Elem::I8 => chunks.map(|c| f32::from(c[0] as i8)).collect(),
     }
 }
 

@@ -35,6 +35,12 @@ pub fn quantize(x: f32, scale: f32) -> i32 {
     if q.is_nan() { 0 } else { q.clamp(-128.0, 127.0) as i32 }
 }
 
+/// One weight quantised with its channel's scale: symmetric, [-127, 127].
+pub fn weight_code(w: f32, scale: f32) -> i8 {
+    let q = (w / scale).round_ties_even();
+    if q.is_nan() { 0 } else { q.clamp(-127.0, 127.0) as i8 }
+}
+
 /// The scale for a clipping threshold; zero thresholds (all-zero tensors) get 1.
 pub fn scale_for(amax: f32) -> f32 {
     if amax > 0.0 && amax.is_finite() { amax / 127.0 } else { 1.0 }
@@ -79,11 +85,7 @@ fn weights_quantised(node: &Node, w: &Tensor, scales: &[f32]) -> Result<Tensor, 
     let q = data
         .iter()
         .enumerate()
-        .map(|(i, &v)| {
-            let s = scales[(i / inner.max(1)) % channels];
-            let q = (v / s).round_ties_even();
-            if q.is_nan() { 0.0 } else { q.clamp(-127.0, 127.0) }
-        })
+        .map(|(i, &v)| f32::from(weight_code(v, scales[(i / inner.max(1)) % channels])))
         .collect();
     Tensor::new(w.shape().to_vec(), TensorData::F32(q)).map_err(|e| e.to_string())
 }
