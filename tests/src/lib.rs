@@ -1,6 +1,7 @@
 //! Shared fixtures for the end-to-end tests: where `make setup` put things, and a
 //! helper that starts a real kiln server on a loopback port chosen by the OS.
 
+pub mod int8_chain;
 pub mod resnet;
 
 use std::net::SocketAddr;

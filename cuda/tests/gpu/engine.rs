@@ -17,9 +17,9 @@ use kiln_engine::plan::{Plan, Profile};
 use kiln_engine::reference::{RunOptions, run};
 use kiln_engine::{DType, Tensor, TensorData, import};
 
-type Res = Result<(), Box<dyn std::error::Error>>;
+pub(crate) type Res = Result<(), Box<dyn std::error::Error>>;
 
-fn model(name: &str) -> Option<PathBuf> {
+pub(crate) fn model(name: &str) -> Option<PathBuf> {
     let dirs = std::env::var_os("KILN_GPU_MODELS").unwrap_or_default();
     let found = std::env::split_paths(&dirs).map(|d| d.join(name)).find(|p| p.is_file());
     if found.is_none() {
@@ -28,7 +28,7 @@ fn model(name: &str) -> Option<PathBuf> {
     found
 }
 
-fn plan_of(path: &Path) -> Result<(Graph, Plan), Box<dyn std::error::Error>> {
+pub(crate) fn plan_of(path: &Path) -> Result<(Graph, Plan), Box<dyn std::error::Error>> {
     let original = import::import_file(path)?;
     let mut profiles = vec![Profile { symbol: "batch".into(), min: 1, opt: 4, max: 8 }];
     let uses_seq = original
@@ -44,7 +44,11 @@ fn plan_of(path: &Path) -> Result<(Graph, Plan), Box<dyn std::error::Error>> {
 }
 
 /// Inputs at `binding`: floats in [-1, 1], token ids in [0, 1000), masks with the last quarter of each row off.
-fn inputs(g: &Graph, binding: &HashMap<String, usize>, seed: u64) -> Result<Vec<Tensor>, Box<dyn std::error::Error>> {
+pub(crate) fn inputs(
+    g: &Graph,
+    binding: &HashMap<String, usize>,
+    seed: u64,
+) -> Result<Vec<Tensor>, Box<dyn std::error::Error>> {
     let mut rng = fastrand::Rng::with_seed(seed);
     g.inputs
         .iter()
@@ -68,7 +72,7 @@ fn inputs(g: &Graph, binding: &HashMap<String, usize>, seed: u64) -> Result<Vec<
         .collect()
 }
 
-fn f32s(t: &Tensor) -> Vec<f32> {
+pub(crate) fn f32s(t: &Tensor) -> Vec<f32> {
     match t.data() {
         TensorData::F32(v) => v.clone(),
         _ => Vec::new(),
@@ -76,7 +80,7 @@ fn f32s(t: &Tensor) -> Vec<f32> {
 }
 
 /// Smallest cosine similarity over the rows (last axis) of two outputs.
-fn min_row_cosine(a: &[f32], b: &[f32], row: usize) -> f64 {
+pub(crate) fn min_row_cosine(a: &[f32], b: &[f32], row: usize) -> f64 {
     a.chunks(row.max(1))
         .zip(b.chunks(row.max(1)))
         .map(|(x, y)| {

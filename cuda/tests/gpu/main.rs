@@ -3,6 +3,7 @@
 //! `KILN_REQUIRE_GPU=1` a missing GPU fails instead.
 
 mod engine;
+mod int8;
 mod kernels;
 mod libs;
 
