@@ -249,8 +249,8 @@ pub fn build(args: &BuildArgs) -> anyhow::Result<()> {
         progress.set_message(pass.to_string());
     })?;
     let (plan, int8_summary) = if int8 { quantise(plan, args, &progress)? } else { (plan, None) };
-    let plan =
-        if precision == Precision::F16 && int8_summary.is_none() { fill_tactics(plan, args, &progress)? } else { plan };
+    // After quantisation: INT8 layers have their own GEMM and convolution tactics.
+    let plan = if precision == Precision::F16 { fill_tactics(plan, args, &progress)? } else { plan };
     progress.set_message("writing plan");
     let out = args.out.clone().unwrap_or_else(|| args.model.with_extension("plan"));
     plan::save(&plan, &out).with_context(|| format!("cannot write {}", out.display()))?;

@@ -397,6 +397,8 @@ fn lower_int8(original: Graph) -> anyhow::Result<(Lowered, Vec<Step>, usize)> {
             |s| matches!(&s.kind, StepKind::Requant(r) if matches!(r.out_kind, kiln_cuda::kernels::Int8Out::I8 { .. })),
         )
         .count();
+    let quantised = l.analysis.int8.iter().filter(|x| x.qx.is_some()).count();
+    println!("{marked} INT8 layers: {fused} write INT8 for the next, {quantised} quantise their input");
     Ok((l, steps, fused))
 }
 
@@ -454,4 +456,21 @@ fn efficientnet_lite0_int8() -> anyhow::Result<()> {
     let (l, _, _) = lower_int8(import::import_file(&path)?)?;
     ensure!(l.analysis.int8.iter().any(|x| x.form == kiln_cuda::lower::Int8Form::Depthwise));
     check("EfficientNet-Lite0 INT8", &l, &batches(), 0.0, true)
+}
+
+/// ResNet-50's stride-1 1×1 convolutions and its head become INT8 GEMMs, the rest cuDNN INT8
+/// convolutions; simulated at batch 1 (the heaviest model here).
+#[test]
+fn resnet50_int8_lowers_pointwise_convs_to_int8_gemms() -> anyhow::Result<()> {
+    use kiln_cuda::lower::Int8Form;
+    let dir = TempDir::new("cuda-lowering-r50-int8")?;
+    let (l, steps, _) = lower_int8(import::import_file(&write_resnet(&dir, Depth::R50)?)?)?;
+    let count = |f: Int8Form| l.analysis.int8.iter().filter(|x| x.form == f).count();
+    ensure!(count(Int8Form::Gemm) == 34 && count(Int8Form::Conv) == 20, "{:?}", l.analysis.int8.len());
+    let int8_gemms = steps
+        .iter()
+        .filter(|s| matches!(&s.kind, StepKind::Gemm { spec, .. } if spec.elem == kiln_cuda::blas::GemmElem::I8))
+        .count();
+    ensure!(int8_gemms == 34, "{int8_gemms} INT8 GEMM steps");
+    check("ResNet-50 INT8", &l, &batches()[..1], 0.0, true)
 }
