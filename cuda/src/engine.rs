@@ -202,12 +202,18 @@ impl Engine {
         &self.metadata
     }
 
-    /// The plan's precision (`fp16` or `fp32`).
+    /// The plan's precision: `int8` when it has INT8 layers (the rest FP16), else `fp16` or `fp32`.
     pub fn precision_name(&self) -> &'static str {
         match self.precision {
+            _ if !self.analysis.int8.is_empty() => "int8",
             kiln_engine::graph::Precision::F16 => "fp16",
             kiln_engine::graph::Precision::F32 => "fp32",
         }
+    }
+
+    /// How many layers run in INT8.
+    pub fn int8_layers(&self) -> usize {
+        self.analysis.int8.len()
     }
 
     /// Largest batch a context accepts.
