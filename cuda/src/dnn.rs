@@ -14,11 +14,13 @@
 //! (`CUDNN_DEFAULT_MATH` permits TF32 for FP32 data since cuDNN 8), so FP32
 //! nodes stay exact against the reference.
 //!
-//! INT8 (INT8 layers): x and w INT8 NHWC with INT32 compute, y (and the zero
-//! bias) FP32 — cuDNN's "INT8_EXT" configuration, which needs input and
-//! output channels in multiples of 4 (the lowering pads them). With alpha 1 and
-//! the identity, y is the exact INT32 sum rounded to FP32; the requantising
-//! kernel does the rest.
+//! INT8 (INT8 layers): x and w INT8 NHWC with INT32 compute, y FP32 — cuDNN's
+//! "INT8_EXT" configuration, which needs input and output channels in multiples
+//! of 4 (the lowering pads them) — through plain `cudnnConvolutionForward`
+//! (alpha 1, beta 0: y is not read, so stale arena bytes cannot leak in), not
+//! the fused call: y is the exact INT32 sum rounded to FP32 and the requantising
+//! kernel does the rest. Integer products are exact on tensor cores, so INT8
+//! plans ask for tensor-op math.
 //!
 //! Limitations of the fused call: it is only relied on for ReLU and the
 //! identity (TensorFlow and oneDNN pass it nothing else and apply other
@@ -224,7 +226,7 @@ impl ConvSpec {
         match self.elem {
             ConvElem::F16 => (half, half, float, MathType::CUDNN_TENSOR_OP_MATH),
             ConvElem::F32 => (float, float, float, MathType::CUDNN_FMA_MATH),
-            ConvElem::I8 => (int8, float, DataType::CUDNN_DATA_INT32, MathType::CUDNN_DEFAULT_MATH),
+            ConvElem::I8 => (int8, float, DataType::CUDNN_DATA_INT32, MathType::CUDNN_TENSOR_OP_MATH),
         }
     }
 }
@@ -356,7 +358,8 @@ impl Dnn {
         };
         let mut algos = cd::forward_algorithms(&self.handle, &x, &w, &conv, &y)?;
         let precomp = FwdAlgo::CUDNN_CONVOLUTION_FWD_ALGO_IMPLICIT_PRECOMP_GEMM;
-        if spec.act == ConvAct::Identity {
+        // The fused call runs only IMPLICIT_PRECOMP_GEMM with the identity; INT8 uses the plain call.
+        if spec.act == ConvAct::Identity && spec.elem != ConvElem::I8 {
             algos.retain(|a| a.algo == precomp);
         }
         match algos.iter().position(|a| a.algo == precomp) {
@@ -434,6 +437,9 @@ impl Dnn {
             workspace,
             workspace_bytes,
         };
+        if spec.elem == ConvElem::I8 {
+            return cd::conv_forward(&self.handle, &call);
+        }
         cd::conv_bias_act(&self.handle, &call)?;
         match &plan.clip {
             Some(clip) => cd::activation_in_place(&self.handle, clip, &plan.y, args.y),

@@ -355,6 +355,33 @@ pub struct ConvCall<'a> {
     pub workspace_bytes: usize,
 }
 
+/// y = conv(x, w) (alpha 1, beta 0: y is not read) on the handle's stream — the INT8
+/// convolution, whose FP32 sums the requantiser takes; `bias`, `act` and `z` of `call` are
+/// not used. Host work only; the caller's guarantees are those of [`conv_bias_act`].
+pub fn conv_forward(handle: &Handle, call: &ConvCall<'_>) -> Result<(), CudaError> {
+    let (alpha, beta): (f32, f32) = (1.0, 0.0);
+    // SAFETY: descriptors are live; the scaling factors are host f32, which cuDNN expects
+    // for INT8 data with FP32 output; device pointers are the caller's contract.
+    unsafe {
+        result::convolution_forward(
+            handle.raw,
+            (&alpha as *const f32).cast(),
+            call.x_desc.0,
+            call.x as *const c_void,
+            call.w_desc.0,
+            call.w as *const c_void,
+            call.conv.0,
+            call.algo,
+            call.workspace as *mut c_void,
+            call.workspace_bytes,
+            (&beta as *const f32).cast(),
+            call.y_desc.0,
+            call.y as *mut c_void,
+        )
+    }
+    .map_err(err("convolution"))
+}
+
 /// y = act(conv(x, w) + alpha2·z + bias) on the handle's stream. Host work
 /// only, so it can be captured in a CUDA graph. The caller guarantees that
 /// the pointers address device memory of the sizes the descriptors describe

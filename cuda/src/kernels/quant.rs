@@ -102,6 +102,9 @@ impl RequantArgs {
         if self.channels == 0 || self.inner == 0 {
             return Err(invalid("requant needs at least one channel and inner = 1 or more"));
         }
+        if self.inner == 1 && !self.n.is_multiple_of(self.channels) {
+            return Err(invalid(format!("requant: {} outputs are not rows of {} channels", self.n, self.channels)));
+        }
         if self.inner == 1 && self.acc_ld < self.channels || self.inner > 1 && self.acc_ld != self.channels {
             return Err(invalid(format!(
                 "requant rows of {} accumulators for {} channels",

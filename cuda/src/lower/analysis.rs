@@ -229,7 +229,7 @@ impl Analysis {
         self.dvals[d].storage
     }
 
-    fn root(&self, dval: usize) -> usize {
+    pub(super) fn root(&self, dval: usize) -> usize {
         let mut d = dval;
         while let Storage::Alias { of } = self.dvals[d].storage {
             d = of;

@@ -78,6 +78,8 @@ pub struct Int8Layer {
     pub alpha: usize,
     pub bias: Option<usize>,
     pub residual: Option<usize>,
+    /// The residual broadcast to the output's shape, when its shape is not the output's.
+    pub residual_full: Option<usize>,
     /// FP32 requantised output before `post_act`.
     pub pre_act: Option<usize>,
     pub y: usize,
@@ -85,6 +87,12 @@ pub struct Int8Layer {
 
 /// An activation as elementwise ops on one register: (op, immediate 0, immediate 1).
 pub type ActOps = Vec<(EwOp, f32, f32)>;
+
+/// Fewest activation rows an INT8 GEMM is run with: smaller batches are padded (the extra
+/// rows' sums are never read). cuBLASLt documents no minimum, but its integer kernels have
+/// been seen to refuse very small ones (PyTorch's `_int_mm` requires more than 16 rows), and
+/// a dense head at batch 1 must still run.
+pub const GEMM_MIN_ROWS: usize = 32;
 
 /// Arena storage; the offset is assigned by the layout pass.
 const ARENA: Storage = Storage::Arena { offset: 0 };
@@ -127,6 +135,10 @@ fn classify(node: &Node, w: &[usize]) -> Result<(Int8Form, ConvGeometry, usize, 
     }
     if node.attrs.string("layout", "NCHW")? != "NHWC" {
         return Err("INT8 convolutions run channels-last: build the plan with the NHWC layout".into());
+    }
+    let auto_pad = node.attrs.string("auto_pad", "NOTSET")?;
+    if !matches!(auto_pad.as_str(), "NOTSET" | "VALID") {
+        return Err(format!("auto_pad {auto_pad} (padding known only at run time)"));
     }
     let [k, r, s, ci] = <[usize; 4]>::try_from(w).map_err(|_| "convolution weights must be OHWI")?;
     let group = node.attrs.int("group", 1)?.max(1) as usize;
@@ -270,21 +282,35 @@ impl Builder<'_> {
         };
         let o = *node.outputs.first().ok_or("no output")?;
         let yshape = g.values[o].ty.as_ref().and_then(|t| t.shape.clone()).ok_or("output without a shape")?;
-        let residual = match node.input(3) {
-            None => None,
+        let (residual, residual_full) = match node.input(3) {
+            None => (None, None),
             Some(v) => {
                 let z = self.input_dval(i, v, host).ok_or("residual")?;
                 let z = self.convert(i, z, elem).ok_or("residual conversion")?;
-                if self.a.dvals[z].shape != yshape {
-                    return Err("the residual must have the output's shape".into());
-                }
-                Some(z)
+                // kiln.Dense takes any broadcastable residual (position embeddings); the
+                // requantiser reads one value per output, so it gets a full-size copy.
+                let full = if self.a.dvals[z].shape == yshape {
+                    None
+                } else {
+                    let d = self.new_dval(format!("{name}:residual"), elem, yshape.clone(), ARENA);
+                    let d = d.ok_or("broadcast residual")?;
+                    outs.push(d);
+                    Some(d)
+                };
+                (Some(z), full)
             }
         };
         let acc_elem = if form == Int8Form::Conv { Elem::F32 } else { Elem::I32 };
         let acc = self.new_dval(format!("{name}:acc"), acc_elem, with_last(&yshape, out_padded), ARENA);
         let acc = acc.ok_or("accumulators have a shape the profiles do not bound")?;
         outs.push(acc);
+        if form == Int8Form::Gemm {
+            // Room for GEMM_MIN_ROWS rows of input and sums (see there).
+            let root = self.a.root(qx.unwrap_or(x));
+            for (d, row) in [(root, padded), (acc, out_padded * 4)] {
+                self.a.dvals[d].bytes = self.a.dvals[d].bytes.max(GEMM_MIN_ROWS * row);
+            }
+        }
         let fused_out = if post_act.is_empty() { self.fused_output(i, o) } else { None };
         let (out, y_elem) = match (fused_out, elem) {
             (Some((scale, via_f16)), _) => (Int8Out::I8 { scale, via_f16 }, Elem::I8),
@@ -323,6 +349,7 @@ impl Builder<'_> {
             alpha,
             bias,
             residual,
+            residual_full,
             pre_act,
             y,
         });
@@ -394,7 +421,7 @@ pub(super) fn emit_int8(e: &mut Emitter<'_>, layer: &Int8Layer) -> Result<(), Cu
     let g = &layer.geometry;
     match layer.form {
         Int8Form::Gemm => {
-            let m = q.numel() / layer.padded;
+            let m = (q.numel() / layer.padded).max(GEMM_MIN_ROWS);
             let spec = GemmSpec::row_major(m as u64, layer.padded as u64, layer.out_padded as u64, true, GemmElem::I8);
             let args = GemmArgs { a: w.ptr, b: q.ptr, c: None, d: acc.ptr, bias: None };
             e.push(node, StepKind::Gemm { spec, args });
@@ -408,12 +435,26 @@ pub(super) fn emit_int8(e: &mut Emitter<'_>, layer: &Int8Layer) -> Result<(), Cu
             }
             [spec.stride_h, spec.stride_w] = g.strides;
             [spec.dil_h, spec.dil_w] = g.dilations;
+            if spec.output_hw()? != (acc.dims[1], acc.dims[2]) {
+                return Err(bad(format!("cuDNN computes {:?}, the plan {:?}", spec.output_hw()?, &acc.dims[1..3])));
+            }
             let zeros = e.analysis.zeros_offset.ok_or_else(|| bad("no zero bias planned".into()))?;
             let args = ConvArgs { x: q.ptr, w: w.ptr, bias: e.bases.weights + zeros as u64, z: None, y: acc.ptr };
             e.push(node, StepKind::Conv { spec, args });
         }
         Int8Form::Depthwise => {
             let ([n, h, wd, c], [_, p, oq, _]) = (dims4(&q.dims).map_err(&bad)?, dims4(&acc.dims).map_err(&bad)?);
+            let out = |size: usize, pad: usize, k: usize, stride: usize, dil: usize| {
+                (size + pad).checked_sub(dil * (k - 1) + 1).map(|span| span / stride + 1)
+            };
+            let [pt, pl, pb, pr] = g.pads;
+            let want = (
+                out(h, pt + pb, g.kernel[0], g.strides[0], g.dilations[0]),
+                out(wd, pl + pr, g.kernel[1], g.strides[1], g.dilations[1]),
+            );
+            if want != (Some(p), Some(oq)) {
+                return Err(bad(format!("the padding gives {want:?}, the plan [{p}, {oq}]")));
+            }
             let args = DwConvI8Args {
                 x: q.ptr,
                 w: w.ptr,
@@ -435,7 +476,17 @@ pub(super) fn emit_int8(e: &mut Emitter<'_>, layer: &Int8Layer) -> Result<(), Cu
         Some(d) => e.view(d)?,
         None => y.clone(),
     };
-    let residual = layer.residual.map(|z| e.view(z)).transpose()?;
+    let mut residual = layer.residual.map(|z| e.view(z)).transpose()?;
+    if let (Some(z), Some(full)) = (&residual, layer.residual_full)
+        && z.dims != y.dims
+    {
+        let full = e.view(full)?;
+        let strides = super::ops::broadcast_strides(&z.dims, &y.dims)
+            .ok_or_else(|| bad(format!("residual {:?} does not broadcast to {:?}", z.dims, y.dims)))?;
+        let copy = crate::kernels::CopyArgs::contiguous(full.ptr, z.ptr, z.elem.size(), &y.dims, &strides);
+        e.push(node, StepKind::Copy(copy));
+        residual = Some(full);
+    }
     let args = RequantArgs {
         acc: acc.ptr,
         acc_elem: acc.elem,

@@ -23,7 +23,7 @@ pub use analysis::{
     Analysis, DVal, DevOp, DevOpKind, Storage, Transfer, tensor_bytes, tensor_from_bytes, write_tensor_bytes,
 };
 pub use emit::{Bases, Step, StepKind, emit};
-pub use int8::{ConvGeometry, Int8Form, Int8Layer};
+pub use int8::{ConvGeometry, GEMM_MIN_ROWS, Int8Form, Int8Layer};
 
 use std::collections::HashMap;
 

@@ -19,8 +19,9 @@ use crate::kernels::{
     AccLayout, DwConvI8Args, Elem, Int8Out, QuantizeArgs, RequantArgs, quantize_reference, requant_reference,
 };
 
-/// Longest reduction summed exactly: 15 · 128 · K < 2^24.
-const MAX_REDUCTION: usize = (1 << 24) / (15 * 128);
+/// Longest reduction summed exactly: 15 · 127 · K < 2^24 (weight codes are within ±127),
+/// as the engine's emulation.
+const MAX_REDUCTION: usize = kiln_engine::quant::int8::MAX_REDUCTION;
 
 fn split(q: &[f32]) -> (Vec<f32>, Vec<f32>) {
     q.iter().map(|&v| ((v as i32).div_euclid(16) as f32, (v as i32).rem_euclid(16) as f32)).unzip()
@@ -72,7 +73,7 @@ pub(super) fn gemm(mem: &mut SimMemory, spec: &GemmSpec, args: &GemmArgs) -> Res
     Ok(())
 }
 
-/// cuDNN's INT8 convolution with FP32 output: `y = float(Σ x·w) + bias`.
+/// cuDNN's INT8 convolution with FP32 output (`cudnnConvolutionForward`, no bias): `y = float(Σ x·w)`.
 pub(super) fn conv(mem: &mut SimMemory, spec: &ConvSpec, args: &ConvArgs) -> Result<(), CudaError> {
     spec.validate()?;
     if args.z.is_some() {
@@ -84,23 +85,15 @@ pub(super) fn conv(mem: &mut SimMemory, spec: &ConvSpec, args: &ConvArgs) -> Res
     let out = (args.y, yl * 4);
     disjoint("convolution input", (args.x, xl), out)?;
     disjoint("convolution filters", (args.w, wl), out)?;
-    disjoint("convolution bias", (args.bias, spec.k * 4), out)?;
     let x = mem.read(args.x, Elem::I8, xl)?;
     let w = mem.read(args.w, Elem::I8, wl)?;
-    let bias = mem.read(args.bias, Elem::F32, spec.k)?;
     let (hi, lo) = split(&x);
     let (mut yh, mut yl_) = (vec![0.0f32; yl], vec![0.0f32; yl]);
     for b in 0..spec.n {
         conv_group(spec, &hi, &w, b, 0, (p, q), &mut yh)?;
         conv_group(spec, &lo, &w, b, 0, (p, q), &mut yl_)?;
     }
-    // NHWC: the channel is the fastest axis.
-    let y: Vec<f32> = yh
-        .iter()
-        .zip(&yl_)
-        .enumerate()
-        .map(|(i, (&h, &l))| (16 * h as i64 + l as i64) as f32 + bias[i % spec.k])
-        .collect();
+    let y: Vec<f32> = yh.iter().zip(&yl_).map(|(&h, &l)| (16 * h as i64 + l as i64) as f32).collect();
     mem.write(args.y, Elem::F32, &y)
 }
 
