@@ -309,11 +309,39 @@ pub fn render(t: &Table) -> String {
             }
         }
     }
+    let ratios = ratios_to_fp16(&t.plans);
+    if !ratios.is_empty() {
+        out.push_str("\nThroughput against the FP16 plan, at the largest batch both measured:\n\n");
+        out.push_str(&ratios);
+    }
     if !failures.is_empty() {
         out.push_str("\nFailures:\n\n");
         for f in failures {
             out.push_str(&f);
             out.push('\n');
+        }
+    }
+    out
+}
+
+/// `- model: R× model-fp16 at batch B` for every measured plan beside the (first) FP16 one —
+/// the INT8 target is a ratio measured in one run.
+fn ratios_to_fp16(plans: &[PlanRow]) -> String {
+    let Some(base) = plans.iter().find(|p| p.precision == "FP16" && p.error.is_none()) else { return String::new() };
+    let mut out = String::new();
+    for p in plans.iter().filter(|p| !std::ptr::eq(*p, base) && p.error.is_none()) {
+        let common = p
+            .points
+            .iter()
+            .filter_map(|a| base.points.iter().find(|b| b.batch == a.batch).map(|b| (a, b)))
+            .filter(|(_, b)| b.samples_per_s > 0.0)
+            .max_by_key(|(a, _)| a.batch);
+        if let Some((a, b)) = common {
+            let ratio = a.samples_per_s / b.samples_per_s;
+            out.push_str(&format!(
+                "- {} ({}): {ratio:.2}× {} at batch {}\n",
+                p.model, p.precision, base.model, a.batch
+            ));
         }
     }
     out

@@ -51,9 +51,7 @@ fn table() -> anyhow::Result<Table> {
                 model: "resnet50-int8".into(),
                 precision: precision_label(Precision::F16, 53),
                 plan_bytes: Some(51_500_000),
-                error: Some(
-                    "cannot load x.plan on the CUDA engine: INT8 layers are\nnot in the CUDA engine yet".into(),
-                ),
+                error: Some("cannot load x.plan on the CUDA engine: out of\nmemory".into()),
                 ..PlanRow::default()
             },
         ],
@@ -114,7 +112,7 @@ fn rows_show_batch_one_latency_best_throughput_and_size() -> anyhow::Result<()> 
     ensure!(!text.contains("bert-base") && !text.contains("minilm"), "{text}");
     // Failures are listed below, one line each, without breaking the table.
     ensure!(text.contains("- kiln resnet50-fp16 batch 256: out of memory\n"), "{text}");
-    ensure!(text.contains("INT8 layers are not in the CUDA engine yet\n"), "{text}");
+    ensure!(text.contains("cannot load x.plan on the CUDA engine: out of memory\n"), "{text}");
     ensure!(text.contains("- PyTorch resnet50 cuda-graph-fp16 batch 1: RuntimeError: capture \\| failed"), "{text}");
     let table_rows = text.lines().filter(|l| l.starts_with('|')).count();
     ensure!(table_rows == 2 + 3 + 3, "header, separator, 3 kiln and 3 torch rows:\n{text}");
@@ -253,5 +251,21 @@ fn writes_are_atomic_renames() -> anyhow::Result<()> {
     let bad = dir.path("missing/BENCHMARKS.md");
     let e = write_atomic(&bad, "x").err().map(|e| format!("{e:#}")).unwrap_or_default();
     ensure!(e.contains("missing/BENCHMARKS.md"), "{e}");
+    Ok(())
+}
+
+#[test]
+fn throughput_ratios_to_the_fp16_plan_use_the_largest_common_batch() -> anyhow::Result<()> {
+    let mut t = table()?;
+    // FP32 and FP16 share batch 64 only (FP16 failed at 256); the INT8 plan failed outright.
+    let text = render(&t);
+    assert!(text.contains("- resnet50-fp32 (FP32): 0.33× resnet50-fp16 at batch 64"), "{text}");
+    assert!(!text.contains("- resnet50-int8"), "{text}");
+    t.plans[2].error = None;
+    t.plans[2].points = vec![point(1, 900.0, 1.1, 1.2), point(64, 16_200.0, 4.0, 4.2)];
+    assert!(render(&t).contains("- resnet50-int8 (INT8 (53 layers, rest FP16)): 1.80× resnet50-fp16 at batch 64"));
+    // Without a measured FP16 plan there is nothing to compare with.
+    t.plans[1].error = Some("failed".into());
+    assert!(!render(&t).contains("Throughput against the FP16 plan"));
     Ok(())
 }
