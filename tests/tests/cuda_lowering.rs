@@ -465,13 +465,19 @@ fn movement_and_row_ops() -> anyhow::Result<()> {
 /// Marks every INT8 candidate of a built plan, calibrated (min-max) on sample inputs at
 /// every test binding; returns how many layers are INT8.
 fn mark_int8(graph: &mut Graph, bindings: &[Binding]) -> anyhow::Result<usize> {
+    mark_int8_keeping(graph, bindings, |_| false)
+}
+
+/// [`mark_int8`] with the candidates `keep` names left in FP16 (as the accuracy gate does).
+fn mark_int8_keeping(graph: &mut Graph, bindings: &[Binding], keep: impl Fn(&str) -> bool) -> anyhow::Result<usize> {
     use kiln_engine::quant::{Calibrator, Int8Plan, Method};
     let mut cal = Calibrator::new(graph);
     for (i, b) in bindings.iter().enumerate() {
         cal.observe(graph, &sample_inputs(graph, b, 100 + i as u64)?)?;
     }
     let cache = cal.finish(graph);
-    let plan = Int8Plan::new(graph, &cache.thresholds(Method::MinMax), &[])?;
+    let kept: Vec<String> = graph.nodes.iter().map(|n| n.name.clone()).filter(|n| keep(n)).collect();
+    let plan = Int8Plan::new(graph, &cache.thresholds(Method::MinMax), &kept)?;
     plan.apply(graph);
     Ok(plan.nodes.len())
 }
@@ -619,4 +625,25 @@ fn int8_dense_with_broadcast_residual_and_few_rows() -> anyhow::Result<()> {
         ensure!(out.rel_err == 0.0, "at {binding:?}: relative error {:.3e}", out.rel_err);
     }
     Ok(())
+}
+
+/// A mixed plan, as the accuracy gate leaves one: every other convolution (the stem among
+/// them) kept in FP16, so INT8 layers read FP16 producers and FP16 layers read INT8 ones.
+#[test]
+fn resnet18_mixed_int8_and_fp16() -> anyhow::Result<()> {
+    let dir = TempDir::new("cuda-lowering-r18-mixed")?;
+    let original = import::import_file(&write_resnet(&dir, Depth::R18)?)?;
+    let mut marked = 0;
+    let l = lower_edited(original, Precision::F16, |g| {
+        let convs: Vec<String> = g.nodes.iter().filter(|n| n.op == "kiln.FusedConv").map(|n| n.name.clone()).collect();
+        let keep: Vec<String> = convs.iter().step_by(2).cloned().collect();
+        marked = mark_int8_keeping(g, &batches(), |n| keep.iter().any(|k| k == n))?;
+        Ok(())
+    })?;
+    let convs = l.graph.nodes.iter().filter(|n| n.op == "kiln.FusedConv").count();
+    ensure!(
+        marked == l.analysis.int8.len() && marked == convs / 2 + 1,
+        "{marked} INT8 layers of {convs} convolutions + head"
+    );
+    check("ResNet-18 mixed INT8/FP16", &l, &batches(), 2e-2, true)
 }
