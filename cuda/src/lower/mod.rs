@@ -13,6 +13,9 @@
 //! the host with the reference ops, once per run, before the upload; they are
 //! tiny, and keeping them off the GPU keeps the device graph free of data-
 //! dependent shapes. Everything producing floats runs on the device.
+//!
+//! INT8 layers (nodes carrying calibrated scales) become one [`DevOpKind::Int8`]
+//! each, planned and emitted by `int8.rs`: quantise, integer product, requantise.
 
 mod analysis;
 mod emit;
