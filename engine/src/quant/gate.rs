@@ -179,29 +179,98 @@ pub fn gate(
     sensitivity.sort_by(|a, b| b.1.total_cmp(&a.1));
     report.sensitivity = sensitivity.clone();
 
-    let mut keep: Vec<String> = Vec::new();
-    let mut plan = full;
-    for (i, (name, _)) in sensitivity.iter().enumerate() {
-        keep.push(name.clone());
-        plan = Int8Plan::new(graph, thresholds, &keep)?;
-        progress("keeping sensitive layers in FP16", i + 1, sensitivity.len());
+    // The fewest most-sensitive layers to keep in FP16, in a logarithmic number of
+    // evaluations over the whole labelled set (see `fewest`).
+    let order: Vec<String> = sensitivity.iter().map(|(name, _)| name.clone()).collect();
+    let mut evaluations = 0;
+    let search = fewest(order.len(), |k| {
+        evaluations += 1;
+        progress("keeping sensitive layers in FP16", evaluations, 2 * order.len().max(2).ilog2() as usize + 1);
+        let plan = Int8Plan::new(graph, thresholds, &order[..k])?;
         let pred = predict(graph, data, Some(&plan), opts.fp16)?;
-        report.int8_accuracy = accuracy(&pred);
-        report.agreement = percent_equal(&pred, fp32_pred.iter().copied());
-        if fp32 - report.int8_accuracy <= opts.max_drop {
-            break;
-        }
-    }
-    if fp32 - report.int8_accuracy > opts.max_drop {
+        let acc = accuracy(&pred);
+        Ok((fp32 - acc <= opts.max_drop, (plan, acc, pred)))
+    })?;
+    let (k, (plan, acc, pred)) = search.map_err(|(_, acc, _)| {
         // Even with no layer in INT8 the plan (FP16) loses more than allowed: say so rather
         // than ship an "INT8" plan that is neither INT8 nor within the bound.
-        return Err(GraphError::Invalid(format!(
+        GraphError::Invalid(format!(
             "the accuracy gate cannot meet a drop of {} points: with every layer kept out of INT8 the plan \
-             scores {:.2} % against FP32's {:.2} %",
-            opts.max_drop, report.int8_accuracy, fp32
-        )));
-    }
+             scores {acc:.2} % against FP32's {fp32:.2} %",
+            opts.max_drop
+        ))
+    })?;
+    report.int8_accuracy = acc;
+    report.agreement = percent_equal(&pred, fp32_pred.iter().copied());
+    let keep = order[..k].to_vec();
     report.kept_fp16 = keep;
     report.int8_layers = plan.nodes.len();
     Ok((plan, report))
+}
+
+/// The smallest `k` in `1..=n` for which `eval(k)` holds, by doubling until it holds and then
+/// bisecting between the last count that failed and the first that held: about 2·log2(n)
+/// evaluations instead of up to n. With `eval` monotone (keeping more layers never hurts)
+/// that is the smallest such `k`; accuracy is only roughly monotone, so otherwise it is a
+/// small `k` that was checked to hold. `Err` carries `eval(n)`'s value when even that fails
+/// (`n == 0`: `eval(0)`).
+fn fewest<T>(
+    n: usize,
+    mut eval: impl FnMut(usize) -> Result<(bool, T), GraphError>,
+) -> Result<Result<(usize, T), T>, GraphError> {
+    let (mut failing, mut k) = (0, n.min(1));
+    let mut held = loop {
+        let (ok, value) = eval(k)?;
+        if ok {
+            break (k, value);
+        }
+        if k >= n {
+            return Ok(Err(value));
+        }
+        failing = k;
+        k = (2 * k).min(n);
+    };
+    while held.0 - failing > 1 {
+        let mid = failing + (held.0 - failing) / 2;
+        let (ok, value) = eval(mid)?;
+        if ok {
+            held = (mid, value);
+        } else {
+            failing = mid;
+        }
+    }
+    Ok(Ok(held))
+}
+
+#[cfg(test)]
+mod search_tests {
+    use super::*;
+
+    #[test]
+    fn fewest_finds_the_threshold_in_logarithmic_evaluations() -> Result<(), GraphError> {
+        for n in [1usize, 2, 3, 7, 50, 200] {
+            for t in 1..=n {
+                let mut calls = 0;
+                let got = fewest(n, |k| {
+                    calls += 1;
+                    Ok((k >= t, k))
+                })?;
+                assert_eq!(got.ok().map(|(k, _)| k), Some(t), "n {n}, threshold {t}");
+                assert!(calls <= 2 * (usize::BITS - n.leading_zeros()) as usize + 1, "n {n} t {t}: {calls} calls");
+            }
+        }
+        Ok(())
+    }
+
+    #[test]
+    fn fewest_reports_failure_and_only_returns_counts_that_held() -> Result<(), GraphError> {
+        // Never holds: the value at n comes back.
+        assert_eq!(fewest(9, |k| Ok((false, k)))?, Err(9));
+        assert_eq!(fewest(0, |k| Ok((false, k)))?, Err(0));
+        // Not monotone: holds at 4 and from 7 on; whatever is returned held.
+        let holds = |k: usize| k == 4 || k >= 7;
+        let (k, _) = fewest(20, |k| Ok((holds(k), ())))?.map_err(|_| GraphError::Invalid("none".into()))?;
+        assert!(holds(k), "{k}");
+        Ok(())
+    }
 }
