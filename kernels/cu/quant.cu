@@ -11,7 +11,9 @@
 //   y = (float)acc * alpha[k]; y = y + bias[k]; y = y + residual[i]; activation;
 //   then FP32, FP16 (round to nearest) or INT8 requantised with out_scale (the next INT8
 //   layer's input scale: fused requantisation; in an FP16 plan the value is first rounded
-//   to FP16, as the next layer would have read it). k = (i / inner) % channels.
+//   to FP16, as the next layer would have read it). k = (i / inner) % channels. With q_out,
+//   the same value is also written requantised to INT8 (q_scale, q_via_f16) for the INT8
+//   layers among the output's readers, while the others read the FP16/FP32 output.
 //   __fmul_rn / __fadd_rn keep the compiler from contracting into FMAs, which round once
 //   where the reference rounds twice. With inner == 1 (channels last) accumulator rows may
 //   be wider than the output's (acc_ld >= channels: output channels padded to a multiple of 4).
@@ -48,7 +50,8 @@ extern "C" __global__ void kiln_quantize(const void* src, int src_elem, signed c
 extern "C" __global__ void kiln_requant(const void* acc, int acc_elem, long long acc_ld, void* out, int out_elem,
                                         const float* alpha, const float* bias, const void* residual,
                                         int residual_elem, long long n, int channels, long long inner, int act,
-                                        float lo, float hi, float out_scale, int via_f16) {
+                                        float lo, float hi, float out_scale, int via_f16, signed char* q_out,
+                                        float q_scale, int q_via_f16) {
     long long step = (long long)gridDim.x * blockDim.x;
     for (long long i = (long long)blockIdx.x * blockDim.x + threadIdx.x; i < n; i += step) {
         int k = (int)((i / inner) % channels);
@@ -71,8 +74,12 @@ extern "C" __global__ void kiln_requant(const void* acc, int acc_elem, long long
         } else if (out_elem == 1) {
             ((f16*)out)[i] = from_f32<f16>(y);
         } else {
-            if (via_f16) y = to_f32(from_f32<f16>(y));
-            ((signed char*)out)[i] = quantize_one(y, out_scale);
+            float v = via_f16 ? to_f32(from_f32<f16>(y)) : y;
+            ((signed char*)out)[i] = quantize_one(v, out_scale);
+        }
+        if (q_out) {
+            float v = q_via_f16 ? to_f32(from_f32<f16>(y)) : y;
+            q_out[i] = quantize_one(v, q_scale);
         }
     }
 }

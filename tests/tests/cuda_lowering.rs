@@ -503,7 +503,7 @@ fn lower_int8_at(original: Graph, bindings: &[Binding]) -> anyhow::Result<(Lower
             kiln_cuda::lower::Int8Form::Depthwise => "DwConvI8",
         };
         ensure!(kinds.contains(&product) && kinds.contains(&"Requant"), "{name}: {kinds:?}");
-        ensure!(kinds.contains(&"Quantize") == layer.qx.is_some(), "{name}: {kinds:?}");
+        ensure!(kinds.contains(&"Quantize") == layer.quantize, "{name}: {kinds:?}");
     }
     let fused = steps
         .iter()
@@ -511,8 +511,12 @@ fn lower_int8_at(original: Graph, bindings: &[Binding]) -> anyhow::Result<(Lower
             |s| matches!(&s.kind, StepKind::Requant(r) if matches!(r.out_kind, kiln_cuda::kernels::Int8Out::I8 { .. })),
         )
         .count();
-    let quantised = l.analysis.int8.iter().filter(|x| x.qx.is_some()).count();
-    println!("{marked} INT8 layers: {fused} write INT8 for the next, {quantised} quantise their input");
+    let quantised = l.analysis.int8.iter().filter(|x| x.quantize).count();
+    let copies = l.analysis.int8.iter().filter(|x| x.also_i8.is_some()).count();
+    println!(
+        "{marked} INT8 layers: {fused} write INT8 for the next, {copies} write an INT8 copy beside FP16, \
+         {quantised} quantise an input"
+    );
     Ok((l, steps, fused))
 }
 

@@ -30,7 +30,8 @@ pub use movement::{CastArgs, CopyArgs, GatherArgs, row_major_strides};
 pub use norm::{LayerNormArgs, ReduceArgs, ReduceKind, SoftmaxArgs};
 pub use pool::{GlobalPoolArgs, Layout, Pool2dArgs, PoolKind};
 pub use quant::{
-    AccLayout, DwConvI8Args, Int8Act, Int8Out, QuantizeArgs, RequantArgs, quantize_reference, requant_reference,
+    AccLayout, DwConvI8Args, Int8Act, Int8Out, QuantizeArgs, RequantArgs, quantize_reference, requant_copy_reference,
+    requant_reference,
 };
 
 use crate::CudaError;

@@ -95,6 +95,9 @@ pub struct RequantArgs {
     /// Elements per channel index: 1 for channels-last, H·W for NCHW.
     pub inner: usize,
     pub act: Int8Act,
+    /// Also the output requantised to INT8 here, with this scale, after rounding to FP16
+    /// when the flag is set (the INT8 readers of a tensor that others read in FP16).
+    pub also_i8: Option<(DevPtr, f32, bool)>,
 }
 
 impl RequantArgs {
@@ -134,6 +137,14 @@ impl RequantArgs {
             Int8Act::Relu => (1, 0.0, 0.0),
             Int8Act::Clip { lo, hi } => (2, lo, hi),
         };
+        let (q_out, q_scale, q_via_f16) = match self.also_i8 {
+            None => (None, 1.0, false),
+            Some(_) if matches!(self.out_kind, Int8Out::I8 { .. }) => {
+                return Err(invalid("requant: an INT8 copy of an INT8 output"));
+            }
+            Some((p, scale, via)) if scale.is_finite() && scale > 0.0 => (Some(p), scale, via),
+            Some((_, scale, _)) => return Err(invalid(format!("requant copy scale {scale} is not positive"))),
+        };
         if self.n == 0 {
             return Ok(None);
         }
@@ -155,6 +166,9 @@ impl RequantArgs {
             KArg::F32(hi),
             KArg::F32(out_scale),
             KArg::I32(i32::from(via_f16)),
+            opt_ptr(q_out, "requant INT8 copy")?,
+            KArg::F32(q_scale),
+            KArg::I32(i32::from(q_via_f16)),
         ];
         Ok(Some(Launch { dims: Dims::linear(stride_blocks(self.n, THREADS), THREADS), args }))
     }
@@ -274,6 +288,17 @@ pub fn quantize_reference(x: &[f32], scale: f32, channels: usize, padded: usize)
     out
 }
 
+/// CPU reference of `kiln_requant`'s INT8 copy, from the FP32 values before the output's
+/// own conversion (what [`requant_reference`] gives for [`Int8Out::F32`]).
+pub fn requant_copy_reference(y: &[f32], scale: f32, via_f16: bool) -> Vec<i8> {
+    y.iter()
+        .map(|&v| {
+            let v = if via_f16 { half::f16::from_f32(v).to_f32() } else { v };
+            kiln_engine::quant::int8::quantize(v, scale) as i8
+        })
+        .collect()
+}
+
 /// How [`requant_reference`] reads its accumulators.
 #[derive(Debug, Clone, Copy)]
 pub struct AccLayout {
@@ -372,9 +397,14 @@ mod tests {
             channels: 8,
             inner: 1,
             act: Int8Act::Clip { lo: 0.0, hi: 6.0 },
+            also_i8: None,
         };
         let l = r.plan()?.ok_or_else(|| invalid("expected a launch"))?;
-        assert_eq!(l.args.len(), 17);
+        assert_eq!(l.args.len(), 20);
+        assert!(RequantArgs { also_i8: Some((4096, 0.1, true)), ..r.clone() }.plan().is_err(), "copy of INT8");
+        let f16_out = RequantArgs { out_kind: Int8Out::F16, ..r.clone() };
+        assert!(RequantArgs { also_i8: Some((4096, 0.1, true)), ..f16_out.clone() }.plan()?.is_some());
+        assert!(RequantArgs { also_i8: Some((4096, 0.0, true)), ..f16_out }.plan().is_err());
         assert!(RequantArgs { acc_ld: 7, ..r.clone() }.plan().is_err(), "rows narrower than the channels");
         assert!(RequantArgs { acc_elem: Elem::F16, ..r.clone() }.plan().is_err());
         assert!(RequantArgs { out_kind: Int8Out::I8 { scale: -1.0, via_f16: false }, ..r.clone() }.plan().is_err());

@@ -179,6 +179,9 @@ pub(super) struct Builder<'g> {
     max: &'g Binding,
     pub(super) a: Analysis,
     converted: HashMap<(usize, Elem), usize>,
+    /// INT8 copies of device tensors by (tensor, scale bits, row width): quantised once by
+    /// their first INT8 reader (or written by their INT8 producer) and shared.
+    pub(super) quantized: HashMap<(usize, u32, usize), usize>,
     issues: Vec<NodeIssue>,
 }
 
@@ -207,6 +210,7 @@ impl Analysis {
                 int8: Vec::new(),
             },
             converted: HashMap::new(),
+            quantized: HashMap::new(),
             issues: Vec::new(),
         };
         b.place_nodes();

@@ -68,8 +68,11 @@ pub struct Int8Layer {
     pub out: Int8Out,
     /// The input as read: FP16/FP32, or INT8 from a fused producer.
     pub x: usize,
-    /// The quantised input, when this layer quantises it.
+    /// The quantised input (`None`: `x` itself is INT8).
     pub qx: Option<usize>,
+    /// Whether this layer quantises `x` into `qx` (else an earlier reader did, or the
+    /// producer wrote `qx` beside its FP16 output).
+    pub quantize: bool,
     /// The quantised input with its asymmetric spatial padding materialised (cuDNN pads
     /// symmetrically), and where the input starts in it.
     pub padded_x: Option<(usize, [usize; 4])>,
@@ -83,6 +86,9 @@ pub struct Int8Layer {
     /// FP32 requantised output before `post_act`.
     pub pre_act: Option<usize>,
     pub y: usize,
+    /// The output also written in INT8 for its INT8 readers: (tensor, their input scale,
+    /// rounded to FP16 first).
+    pub also_i8: Option<(usize, f32, bool)>,
 }
 
 /// An activation as elementwise ops on one register: (op, immediate 0, immediate 1).
@@ -243,13 +249,22 @@ impl Builder<'_> {
         }
         let name = &node.name;
         let mut outs = Vec::new();
-        let qx = if fused_in {
-            None
-        } else {
-            let q = self.new_dval(format!("{name}:qx"), Elem::I8, with_last(&xshape, padded), ARENA);
-            Some(q.ok_or("quantised input has a shape the profiles do not bound")?)
+        let mut ins = vec![Some(x)];
+        let key = (x, input_scale.to_bits(), padded);
+        let (qx, quantize) = match self.quantized.get(&key) {
+            _ if fused_in => (None, false),
+            Some(&q) => {
+                ins.push(Some(q));
+                (Some(q), false)
+            }
+            None => {
+                let q = self.new_dval(format!("{name}:qx"), Elem::I8, with_last(&xshape, padded), ARENA);
+                let q = q.ok_or("quantised input has a shape the profiles do not bound")?;
+                self.quantized.insert(key, q);
+                outs.push(q);
+                (Some(q), true)
+            }
         };
-        outs.extend(qx);
         let [t, l, b, r] = geometry.pads;
         let padded_x = if form == Int8Form::Conv && (t != b || l != r) {
             let mut shape = with_last(&xshape, padded);
@@ -326,9 +341,22 @@ impl Builder<'_> {
             Some(d)
         };
         let (out, y_elem) = if pre_act.is_some() { (Int8Out::F32, elem) } else { (out, y_elem) };
-        let y = self.new_dval(g.values[o].name.clone(), y_elem, yshape, ARENA).ok_or("output")?;
+        let y = self.new_dval(g.values[o].name.clone(), y_elem, yshape.clone(), ARENA).ok_or("output")?;
         self.a.value_dval.insert(o, y);
         outs.insert(0, y);
+        // Readers that would quantise this output find its INT8 copy already written.
+        let also_i8 = match (fused_out, &pre_act) {
+            (None, None) => match self.int8_readers_scale(o, y_elem, out_channels) {
+                Some(scale) => {
+                    let d = self.new_dval(format!("{name}:y-int8"), Elem::I8, yshape, ARENA).ok_or("output")?;
+                    outs.push(d);
+                    self.quantized.insert((y, scale.to_bits(), out_channels), d);
+                    Some((d, scale, y_elem == Elem::F16))
+                }
+                None => None,
+            },
+            _ => None,
+        };
         self.a.int8.push(Int8Layer {
             node: i,
             form,
@@ -343,6 +371,7 @@ impl Builder<'_> {
             out,
             x,
             qx,
+            quantize,
             padded_x,
             w: wd,
             acc,
@@ -352,10 +381,35 @@ impl Builder<'_> {
             residual_full,
             pre_act,
             y,
+            also_i8,
         });
-        let ins = vec![Some(x), Some(wd), Some(alpha), bias, residual];
+        ins.extend([Some(wd), Some(alpha), bias, residual]);
         self.a.ops.push(DevOp { kind: DevOpKind::Int8(self.a.int8.len() - 1), ins, outs });
         Ok(())
+    }
+
+    /// The input scale of the INT8 layers that read output `o` (stored as `y_elem`, with
+    /// `channels`) as their input 0 in the same element type and without channel padding,
+    /// when there are any: the most common one if they differ.
+    fn int8_readers_scale(&self, o: ValueId, y_elem: Elem, channels: usize) -> Option<f32> {
+        let g = self.graph;
+        let mut scales: Vec<(u32, usize)> = Vec::new();
+        for &c in self.consumers.get(&o)? {
+            let n = &g.nodes[c];
+            let Some(Attr::Float(s)) = n.attrs.get(INPUT_SCALE) else { continue };
+            let depthwise = n.attrs.int("group", 1).ok().is_some_and(|grp| grp > 1);
+            if n.input(0) != Some(o)
+                || precision_elem(n.precision) != y_elem
+                || (!depthwise && !channels.is_multiple_of(4))
+            {
+                continue;
+            }
+            match scales.iter_mut().find(|(b, _)| *b == s.to_bits()) {
+                Some((_, count)) => *count += 1,
+                None => scales.push((s.to_bits(), 1)),
+            }
+        }
+        scales.iter().max_by_key(|(_, count)| *count).map(|(b, _)| f32::from_bits(*b))
     }
 
     /// `Some((scale, via_f16))` when every reader of INT8 node `i`'s output `o` is an INT8
@@ -400,6 +454,8 @@ pub(super) fn emit_int8(e: &mut Emitter<'_>, layer: &Int8Layer) -> Result<(), Cu
     let mut q = x.clone();
     if let Some(qx) = layer.qx {
         q = e.view(qx)?;
+    }
+    if layer.quantize {
         let args = QuantizeArgs {
             src: x.ptr,
             src_elem: x.elem,
@@ -500,6 +556,10 @@ pub(super) fn emit_int8(e: &mut Emitter<'_>, layer: &Int8Layer) -> Result<(), Cu
         channels: layer.out_channels,
         inner: 1,
         act: layer.act,
+        also_i8: match layer.also_i8 {
+            Some((d, scale, via_f16)) => Some((e.view(d)?.ptr, scale, via_f16)),
+            None => None,
+        },
     };
     e.push(node, StepKind::Requant(args));
     if layer.pre_act.is_some() {

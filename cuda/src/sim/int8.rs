@@ -16,7 +16,8 @@ use crate::CudaError;
 use crate::blas::{GemmArgs, GemmSpec};
 use crate::dnn::{ConvArgs, ConvSpec};
 use crate::kernels::{
-    AccLayout, DwConvI8Args, Elem, Int8Out, QuantizeArgs, RequantArgs, quantize_reference, requant_reference,
+    AccLayout, DwConvI8Args, Elem, Int8Out, QuantizeArgs, RequantArgs, quantize_reference, requant_copy_reference,
+    requant_reference,
 };
 
 /// Longest reduction summed exactly: 15 · 127 · K < 2^24 (weight codes are within ±127),
@@ -149,6 +150,15 @@ pub(super) fn requant(mem: &mut SimMemory, a: &RequantArgs) -> Result<(), CudaEr
         None => None,
     };
     let layout = AccLayout { inner: a.inner, ld: a.acc_ld };
-    let y = requant_reference(&acc, layout, &alpha, bias.as_deref(), residual.as_deref(), (a.act, a.out_kind), a.n);
+    let (bias, residual) = (bias.as_deref(), residual.as_deref());
+    let Some((q_out, scale, via_f16)) = a.also_i8 else {
+        let y = requant_reference(&acc, layout, &alpha, bias, residual, (a.act, a.out_kind), a.n);
+        return mem.write(a.out, out_elem, &y);
+    };
+    // The copy is taken from the FP32 value, before the output's own rounding.
+    disjoint("requant INT8 copy", (q_out, a.n), out)?;
+    let y = requant_reference(&acc, layout, &alpha, bias, residual, (a.act, Int8Out::F32), a.n);
+    let q: Vec<u8> = requant_copy_reference(&y, scale, via_f16).into_iter().map(|v| v as u8).collect();
+    mem.bytes_mut(q_out, a.n)?.copy_from_slice(&q);
     mem.write(a.out, out_elem, &y)
 }

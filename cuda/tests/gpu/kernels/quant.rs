@@ -3,7 +3,8 @@
 //! same roundings, so nothing is left to a tolerance.
 
 use kiln_cuda::kernels::{
-    AccLayout, DwConvI8Args, Elem, Int8Act, Int8Out, QuantizeArgs, RequantArgs, quantize_reference, requant_reference,
+    AccLayout, DwConvI8Args, Elem, Int8Act, Int8Out, QuantizeArgs, RequantArgs, quantize_reference,
+    requant_copy_reference, requant_reference,
 };
 
 use super::{Gpu, TestResult, random, stored};
@@ -76,6 +77,10 @@ fn requant_matches_the_engine_epilogue() -> TestResult {
                 Int8Out::I8 { .. } => Elem::I8,
             };
             let out = g.zeros(n, out_elem)?;
+            // FP16/FP32 outputs also write their INT8 copy (the readers in INT8), rounded to
+            // FP16 first exactly when the output is FP16.
+            let copy = g.zeros(n, Elem::I8)?;
+            let also = (out_elem != Elem::I8).then(|| (copy.ptr(), 0.04f32, out_elem == Elem::F16));
             let args = RequantArgs {
                 acc: acc_buf.ptr(),
                 acc_elem,
@@ -89,6 +94,7 @@ fn requant_matches_the_engine_epilogue() -> TestResult {
                 channels,
                 inner,
                 act,
+                also_i8: also,
             };
             g.k.requant(&g.stream, &args)?;
             let got = g.download(&out, n, out_elem)?;
@@ -96,6 +102,11 @@ fn requant_matches_the_engine_epilogue() -> TestResult {
             let layout = AccLayout { inner, ld };
             let want = requant_reference(&acc, layout, &alpha, Some(&bias), z, (act, out_kind), n);
             same_bits(&got, &want, &format!("requant {out_kind:?} {act:?} inner {inner} ld {ld} {acc_elem:?}"));
+            if let Some((_, scale, via_f16)) = also {
+                let y32 = requant_reference(&acc, layout, &alpha, Some(&bias), z, (act, Int8Out::F32), n);
+                let want: Vec<f32> = requant_copy_reference(&y32, scale, via_f16).into_iter().map(f32::from).collect();
+                same_bits(&g.download(&copy, n, Elem::I8)?, &want, &format!("requant INT8 copy of {out_kind:?}"));
+            }
         }
     }
     Ok(())
