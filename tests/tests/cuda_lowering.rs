@@ -504,6 +504,15 @@ fn lower_int8_at(original: Graph, bindings: &[Binding]) -> anyhow::Result<(Lower
         };
         ensure!(kinds.contains(&product) && kinds.contains(&"Requant"), "{name}: {kinds:?}");
         ensure!(kinds.contains(&"Quantize") == layer.quantize, "{name}: {kinds:?}");
+        // A GEMM padded to GEMM_MIN_ROWS reads and writes only bytes planned for it.
+        for s in steps.iter().filter(|s| &s.node == name) {
+            if let StepKind::Gemm { spec, .. } = &s.kind {
+                let input = l.analysis.root(layer.qx.unwrap_or(layer.x));
+                let (read, written) = (spec.n * spec.ldb as u64, spec.n * spec.ldc as u64 * 4);
+                ensure!(read <= l.analysis.dvals[input].bytes as u64, "{name}: GEMM reads {read} B");
+                ensure!(written <= l.analysis.dvals[layer.acc].bytes as u64, "{name}: GEMM writes {written} B");
+            }
+        }
     }
     let fused = steps
         .iter()

@@ -60,7 +60,8 @@ pub enum DevOpKind {
 #[derive(Debug, Clone)]
 pub struct DevOp {
     pub kind: DevOpKind,
-    /// Per graph-node input (`None` for an omitted optional input).
+    /// Per graph-node input (`None` for an omitted optional input); for [`DevOpKind::Int8`]
+    /// every tensor the op reads, in no particular order (its `Int8Layer` names them).
     pub ins: Vec<Option<usize>>,
     pub outs: Vec<usize>,
 }
@@ -233,7 +234,8 @@ impl Analysis {
         self.dvals[d].storage
     }
 
-    pub(super) fn root(&self, dval: usize) -> usize {
+    /// The tensor that owns `dval`'s bytes (following aliases).
+    pub fn root(&self, dval: usize) -> usize {
         let mut d = dval;
         while let Storage::Alias { of } = self.dvals[d].storage {
             d = of;

@@ -249,10 +249,15 @@ impl Builder<'_> {
         }
         let name = &node.name;
         let mut outs = Vec::new();
-        let mut ins = vec![Some(x)];
+        // What the op reads, for the tensors' lifetimes: an input quantised by an earlier
+        // reader (or written in INT8 by its producer) is read only as that INT8 copy.
+        let mut ins = Vec::new();
         let key = (x, input_scale.to_bits(), padded);
         let (qx, quantize) = match self.quantized.get(&key) {
-            _ if fused_in => (None, false),
+            _ if fused_in => {
+                ins.push(Some(x));
+                (None, false)
+            }
             Some(&q) => {
                 ins.push(Some(q));
                 (Some(q), false)
@@ -261,6 +266,7 @@ impl Builder<'_> {
                 let q = self.new_dval(format!("{name}:qx"), Elem::I8, with_last(&xshape, padded), ARENA);
                 let q = q.ok_or("quantised input has a shape the profiles do not bound")?;
                 self.quantized.insert(key, q);
+                ins.push(Some(x));
                 outs.push(q);
                 (Some(q), true)
             }
