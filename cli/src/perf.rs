@@ -326,11 +326,13 @@ fn measure_plan(
             Ok(r) => {
                 print_row(&r, seq);
                 rows.push(r.to_json(seq));
+                let compute_ms = r.stage_mean(|s| s.compute_ms);
                 run.row.points.push(BatchPoint {
                     batch,
                     samples_per_s: r.samples_per_s(),
                     p50_ms: r.ms(0.50),
                     p99_ms: r.ms(0.99),
+                    compute_samples_per_s: (compute_ms > 0.0).then(|| batch as f64 * 1e3 / compute_ms),
                 });
             }
             Err(e) => {

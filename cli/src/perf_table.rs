@@ -25,6 +25,9 @@ pub struct BatchPoint {
     pub samples_per_s: f64,
     pub p50_ms: f64,
     pub p99_ms: f64,
+    /// Batch / mean GPU compute time (CUDA events, no H2D/D2H): what a GPU-resident input
+    /// gets, as PyTorch's numbers are. `None` where only end-to-end time is known.
+    pub compute_samples_per_s: Option<f64>,
 }
 
 /// One plan's row: what the plan is and what was measured (or why not).
@@ -55,7 +58,9 @@ pub struct TorchPoint {
 impl TorchPoint {
     fn ok(&self) -> Option<BatchPoint> {
         let &(samples_per_s, p50_ms, p99_ms) = self.measured.as_ref().ok()?;
-        Some(BatchPoint { batch: self.batch, samples_per_s, p50_ms, p99_ms })
+        // PyTorch's input is already on the GPU: its throughput is compute only.
+        let compute_samples_per_s = Some(samples_per_s);
+        Some(BatchPoint { batch: self.batch, samples_per_s, p50_ms, p99_ms, compute_samples_per_s })
     }
 }
 
@@ -181,8 +186,9 @@ fn thousands(x: f64) -> String {
     if x < -0.5 { format!("-{out}") } else { out }
 }
 
-/// Batch-1 p50, batch-1 p99 and best throughput cells for measured points and failures.
-fn cells(points: &[BatchPoint], failed: &[usize]) -> [String; 3] {
+/// Batch-1 p50, batch-1 p99, best throughput and best compute-only throughput cells for
+/// measured points and failures.
+fn cells(points: &[BatchPoint], failed: &[usize]) -> [String; 4] {
     let (p50, p99) = match points.iter().find(|p| p.batch == 1) {
         Some(p) => (format!("{:.3}", p.p50_ms), format!("{:.3}", p.p99_ms)),
         None if failed.contains(&1) => ("failed".into(), "failed".into()),
@@ -197,7 +203,16 @@ fn cells(points: &[BatchPoint], failed: &[usize]) -> [String; 3] {
         None if !failed.is_empty() => "failed".into(),
         None => DASH.into(),
     };
-    [p50, p99, best]
+    let compute = points
+        .iter()
+        .filter_map(|p| p.compute_samples_per_s.filter(|v| v.is_finite()).map(|v| (v, p.batch)))
+        .max_by(|a, b| a.0.total_cmp(&b.0));
+    let compute = match compute {
+        Some((v, b)) => format!("{} (batch {b})", thousands(v)),
+        None if !failed.is_empty() && points.is_empty() => "failed".into(),
+        None => DASH.into(),
+    };
+    [p50, p99, best, compute]
 }
 
 /// One line, no table-breaking characters, at most 300 characters.
@@ -237,16 +252,17 @@ pub fn render(t: &Table) -> String {
          none was in this run. \"–\": not measured.\n\n",
     );
     out.push_str(
-        "| model | engine | precision | batch-1 p50 ms | batch-1 p99 ms | best samples/s (batch) | size on disk |\n",
+        "| model | engine | precision | batch-1 p50 ms | batch-1 p99 ms | best samples/s (batch) | \
+         best compute-only samples/s (batch) | size on disk |\n",
     );
-    out.push_str("|---|---|---|---:|---:|---:|---:|\n");
+    out.push_str("|---|---|---|---:|---:|---:|---:|---:|\n");
     let mut failures = Vec::new();
     for p in &t.plans {
         let size = p.plan_bytes.map_or_else(|| DASH.to_owned(), |b| human_bytes(b as usize));
-        let [p50, p99, best] = match &p.error {
+        let [p50, p99, best, compute] = match &p.error {
             Some(e) => {
                 failures.push(format!("- kiln {}: {}", p.model, one_line(e)));
-                ["failed".to_owned(), "failed".to_owned(), "failed".to_owned()]
+                ["failed".to_owned(), "failed".to_owned(), "failed".to_owned(), "failed".to_owned()]
             }
             None => {
                 let batches: Vec<usize> = p.failed.iter().map(|(b, _)| *b).collect();
@@ -256,7 +272,10 @@ pub fn render(t: &Table) -> String {
                 cells(&p.points, &batches)
             }
         };
-        out.push_str(&format!("| {} | kiln | {} | {p50} | {p99} | {best} | {size} |\n", p.model, p.precision));
+        out.push_str(&format!(
+            "| {} | kiln | {} | {p50} | {p99} | {best} | {compute} | {size} |\n",
+            p.model, p.precision
+        ));
     }
     if let Some(run) = &t.torch {
         let names: Vec<&str> = {
@@ -297,7 +316,7 @@ pub fn render(t: &Table) -> String {
                         failures.push(format!("- PyTorch {m} {mode} batch {}: {}", p.batch, one_line(e)));
                     }
                 }
-                let [p50, p99, best] = cells(&points, &failed);
+                let [p50, p99, best, compute] = cells(&points, &failed);
                 let precision = if mode.ends_with("fp32") {
                     "FP32"
                 } else if mode.ends_with("fp16") {
@@ -305,7 +324,9 @@ pub fn render(t: &Table) -> String {
                 } else {
                     DASH
                 };
-                out.push_str(&format!("| {m} | PyTorch {mode} | {precision} | {p50} | {p99} | {best} | {DASH} |\n"));
+                out.push_str(&format!(
+                    "| {m} | PyTorch {mode} | {precision} | {p50} | {p99} | {best} | {compute} | {DASH} |\n"
+                ));
             }
         }
     }
@@ -338,8 +359,12 @@ fn ratios_to_fp16(plans: &[PlanRow]) -> String {
             .max_by_key(|(a, _)| a.batch);
         if let Some((a, b)) = common {
             let ratio = a.samples_per_s / b.samples_per_s;
+            let compute = match (a.compute_samples_per_s, b.compute_samples_per_s) {
+                (Some(x), Some(y)) if y > 0.0 => format!(", {:.2}× compute only", x / y),
+                _ => String::new(),
+            };
             out.push_str(&format!(
-                "- {} ({}): {ratio:.2}× {} at batch {}\n",
+                "- {} ({}): {ratio:.2}× {} end to end{compute}, at batch {}\n",
                 p.model, p.precision, base.model, a.batch
             ));
         }
