@@ -17,12 +17,12 @@ use kiln_server::{ModelConfig, Preprocess};
 use kiln_tests::TempDir;
 use kiln_trainer::data::{FashionMnist, Split};
 use kiln_trainer::ddp::{Ddp, DdpOptions};
-use kiln_trainer::models::ModelConfig as NetConfig;
-use kiln_trainer::optim::AdamWConfig;
 use kiln_trainer::package::{self, ExportOptions};
-use kiln_trainer::train::{self, DataConfig, DeviceChoice, FitConfig, FitOptions};
+use kiln_trainer::train::{self, FitOptions};
 
-const FASHION: &str = "/usr/share/datasets/fashion-mnist";
+mod support;
+use support::FASHION;
+
 const CALIBRATION: usize = 500;
 const BATCH: usize = 100;
 
@@ -52,34 +52,13 @@ fn batches(set: &FashionMnist, pre: &Preprocess, count: usize) -> anyhow::Result
 
 #[test]
 fn int8_fashion_mnist_loses_at_most_half_a_point_with_the_gate() -> anyhow::Result<()> {
-    if !Path::new(FASHION).join("t10k-images-idx3-ubyte.gz").is_file() {
-        eprintln!("skipped: {FASHION} missing (Debian package dataset-fashion-mnist; `make setup-trainer`)");
+    if !support::fashion_present() {
         return Ok(());
     }
     let ort = kiln_tests::ort_library()?;
     let work = TempDir::new("int8-fashion")?;
     let run_dir = work.path("run");
-    let config = FitConfig {
-        model: NetConfig::small_cnn(0),
-        data: DataConfig::FashionMnist { dir: FASHION.into(), train_limit: Some(16384), eval_limit: Some(1000) },
-        epochs: 1,
-        batch_size: 64,
-        eval_batch_size: 250,
-        lr: 3e-3,
-        min_lr: 1e-4,
-        warmup_steps: 5,
-        adamw: AdamWConfig::default(),
-        clip_grad_norm: None,
-        amp: false,
-        seed: 3,
-        workers: 2,
-        device: DeviceChoice::Cpu,
-        checkpoint_every: None,
-        max_steps: None,
-        init_from: None,
-        log_every: 32,
-        grad_accum: 1,
-    };
+    let config = support::one_epoch_cnn(16384, 3, 32);
     let ddp = Ddp::init(DdpOptions::default())?;
     let options = FitOptions { run_dir: run_dir.clone(), resume: None, extend_epochs: None, progress: false };
     train::fit(config, &options, &ddp)?;

@@ -11,15 +11,16 @@ use kiln_tests::{TempDir, TestServer};
 use kiln_trainer::data::{Dataset, FashionMnist, Split};
 use kiln_trainer::ddp::{Ddp, DdpOptions};
 use kiln_trainer::eager::Eager;
-use kiln_trainer::models::{ModelConfig, Network};
-use kiln_trainer::optim::AdamWConfig;
+use kiln_trainer::models::Network;
 use kiln_trainer::package::{self, ExportOptions};
-use kiln_trainer::train::{self, DataConfig, DeviceChoice, FitConfig, FitOptions};
+use kiln_trainer::train::{self, FitOptions};
+
+mod support;
 use reqwest::multipart::{Form, Part};
 use serde_json::Value;
+use support::FASHION;
 use tch::Kind;
 
-const FASHION: &str = "/usr/share/datasets/fashion-mnist";
 const IMAGES: usize = 200;
 
 fn png(pixels: &[u8]) -> Vec<u8> {
@@ -31,34 +32,13 @@ fn png(pixels: &[u8]) -> Vec<u8> {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn trained_exported_and_served_model_classifies_test_images_over_http() -> anyhow::Result<()> {
-    if !Path::new(FASHION).join("t10k-images-idx3-ubyte.gz").is_file() {
-        eprintln!("skipped: {FASHION} missing (Debian package dataset-fashion-mnist; `make setup-trainer`)");
+    if !support::fashion_present() {
         return Ok(());
     }
     let ort = kiln_tests::ort_library()?;
     let work = TempDir::new("serve-fashion")?;
     let run_dir = work.path("run");
-    let config = FitConfig {
-        model: ModelConfig::small_cnn(0),
-        data: DataConfig::FashionMnist { dir: FASHION.into(), train_limit: Some(4096), eval_limit: Some(1000) },
-        epochs: 1,
-        batch_size: 64,
-        eval_batch_size: 250,
-        lr: 3e-3,
-        min_lr: 1e-4,
-        warmup_steps: 5,
-        adamw: AdamWConfig::default(),
-        clip_grad_norm: None,
-        amp: false,
-        seed: 1,
-        workers: 2,
-        device: DeviceChoice::Cpu,
-        checkpoint_every: None,
-        max_steps: None,
-        init_from: None,
-        log_every: 16,
-        grad_accum: 1,
-    };
+    let config = support::one_epoch_cnn(4096, 1, 16);
     let report = tokio::task::block_in_place(|| {
         let ddp = Ddp::init(DdpOptions::default())?;
         train::fit(

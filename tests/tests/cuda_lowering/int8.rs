@@ -222,13 +222,10 @@ fn read_dval(l: &Lowered, mem: &SimMemory, dval: usize, binding: &Binding) -> an
 /// requantiser leaves to the elementwise kernel). Returns the layers equal bit for bit, those
 /// within rounding, and those skipped because their input arrived in INT8 from a producer.
 fn each_int8_layer_exact(l: &Lowered, binding: &Binding, seed: u64) -> anyhow::Result<[usize; 3]> {
-    use kiln_engine::quant::{NodeQuant, int8};
+    use kiln_engine::quant::int8;
     let (g, a) = (&l.graph, &l.analysis);
-    let steps = emit(g, a, binding, BASES)?;
-    let inputs = sample_inputs(g, binding, seed)?;
-    let mut mem = SimMemory::new(a.weights.clone(), a.arena_bytes, POISON, BASES);
-    let uploads = fill_uploads(g, a, binding, &inputs)?;
-    mem.arena[..uploads.len()].copy_from_slice(&uploads);
+    let (steps, _, mut mem) = ready(l, binding, seed)?;
+    let scales = kiln_engine::quant::Int8Plan::from_graph(g);
     let layer_of: HashMap<&str, usize> =
         a.int8.iter().enumerate().map(|(i, x)| (g.nodes[x.node].name.as_str(), i)).collect();
     let (mut checked, mut rounded, mut skipped) = (0, 0, 0);
@@ -246,15 +243,10 @@ fn each_int8_layer_exact(l: &Lowered, binding: &Binding, seed: u64) -> anyhow::R
         let z = layer.residual.map(|z| read_dval(l, &mem, z, binding)).transpose()?;
         let w = node.input(1).and_then(|v| g.constant(v)).context("weights")?;
         let bias = node.input(2).and_then(|v| g.constant(v));
-        let q = NodeQuant {
-            input_scale: layer.input_scale,
-            weight_scales: {
-                let plan = kiln_engine::quant::Int8Plan::from_graph(g);
-                plan.nodes.get(&node.name).context("scales")?.weight_scales.clone()
-            },
-        };
+        // The plan's scales, as the emulation reads them (not the lowering's copy).
+        let q = scales.nodes.get(&node.name).context("scales")?;
         let op = kiln_engine::ops::registry().get(&node.op).context("op")?;
-        let want = int8::eval(node, op, &[Some(&x), Some(w), bias, z.as_ref()], &q).map_err(|e| anyhow!(e))?;
+        let want = int8::eval(node, op, &[Some(&x), Some(w), bias, z.as_ref()], q).map_err(|e| anyhow!(e))?;
         let want = kiln_engine::reference::round_f16(&want);
         let got = read_dval(l, &mem, layer.y, binding)?;
         let (gv, wv) = (got.as_f32().context("got")?, want.as_f32().context("want")?);

@@ -151,13 +151,21 @@ struct Outcome {
     sim_s: f64,
 }
 
-fn simulate(l: &Lowered, binding: &Binding, seed: u64) -> anyhow::Result<Outcome> {
+/// The steps at `binding`, sample inputs (from `seed`), and the simulated memory holding
+/// the weights, a poisoned arena and the inputs' upload area: a run ready to start.
+fn ready(l: &Lowered, binding: &Binding, seed: u64) -> anyhow::Result<(Vec<Step>, Vec<Tensor>, SimMemory)> {
     let (g, a) = (&l.graph, &l.analysis);
     let steps = emit(g, a, binding, BASES)?;
     let inputs = sample_inputs(g, binding, seed)?;
     let mut mem = SimMemory::new(a.weights.clone(), a.arena_bytes, POISON, BASES);
     let uploads = fill_uploads(g, a, binding, &inputs)?;
     mem.arena[..uploads.len()].copy_from_slice(&uploads);
+    Ok((steps, inputs, mem))
+}
+
+fn simulate(l: &Lowered, binding: &Binding, seed: u64) -> anyhow::Result<Outcome> {
+    let (g, a) = (&l.graph, &l.analysis);
+    let (steps, inputs, mut mem) = ready(l, binding, seed)?;
     let started = Instant::now();
     sim::run(&steps, &mut mem)?;
     let got = read_downloads(a, binding, &mem)?;
